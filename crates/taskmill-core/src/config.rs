@@ -1,0 +1,572 @@
+//! Worker configuration.
+//!
+//! Precedence, lowest first: built-in defaults < TOML file (`--config` or
+//! `TASKMILL_CONFIG`) < `TASKMILL_*` environment variables < command-line flags.
+//! Every setting has a default that works against a local broker. Unknown keys in
+//! the file are errors naming the key and its line; unknown `TASKMILL_*`
+//! variables are errors too, so a typo never silently falls back to a default.
+//! `docs/configuration.md` documents every key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::redact::redact_url;
+use crate::wire::DEFAULT_QUEUE;
+
+/// The type of the work queues the worker declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated, durable Raft queues: the safe default.
+    Quorum,
+    /// Classic queues: faster on one node, not replicated.
+    Classic,
+}
+
+impl QueueType {
+    /// The `x-queue-type` argument value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "quorum" => Ok(QueueType::Quorum),
+            "classic" => Ok(QueueType::Classic),
+            other => Err(format!("expected `quorum` or `classic`, got `{other}`")),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("expected `text` or `json`, got `{other}`")),
+        }
+    }
+}
+
+/// Settings of one queue (`[queue.NAME]` in the file); unset fields take the
+/// worker-wide value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Unacknowledged deliveries the broker may push to this worker (basic.qos).
+    pub prefetch: Option<u16>,
+    /// Jobs of this queue that run at once.
+    pub concurrency: Option<usize>,
+    /// Queue type for this queue.
+    pub queue_type: Option<QueueType>,
+}
+
+/// Settings of one job kind (`[kind."NAME"]` in the file).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindConfig {
+    /// Hard timeout of one attempt, in milliseconds.
+    pub timeout_ms: Option<u64>,
+}
+
+/// The effective configuration of a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// AMQP URL of the broker; a vhost in the path is honoured (`%2f` is `/`).
+    pub amqp_url: String,
+    /// Address of the HTTP endpoint serving `/metrics`, `/healthz`, `/readyz`.
+    pub http_addr: SocketAddr,
+    /// Queues this worker consumes.
+    pub queues: Vec<String>,
+    /// Type of the queues the worker declares.
+    pub queue_type: QueueType,
+    /// Default prefetch (basic.qos) per queue; 0 means "same as concurrency".
+    pub prefetch: u16,
+    /// Default number of jobs run at once per queue.
+    pub concurrency: usize,
+    /// On SIGTERM/SIGINT, how long in-flight jobs may run before the rest is
+    /// left to the broker for redelivery.
+    pub shutdown_grace_ms: u64,
+    /// Default hard timeout of one attempt of an IO job.
+    pub job_timeout_ms: u64,
+    /// Largest accepted payload; larger jobs are refused at enqueue and
+    /// dead-lettered at consume.
+    pub max_payload_bytes: usize,
+    /// Quorum queues: deliveries of one message before the broker dead-letters
+    /// it to `Q.dead` (guards against messages that kill workers).
+    pub delivery_limit: u32,
+    /// Directory for the embedded store and scratch files.
+    pub data_dir: PathBuf,
+    /// Name of this worker in logs and dead-letter headers; default host-pid.
+    pub worker_id: Option<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (`info`, `taskmill=debug,lapin=warn`, ...).
+    pub log_level: String,
+    /// Per-queue settings.
+    pub queue: BTreeMap<String, QueueConfig>,
+    /// Per-kind settings.
+    pub kind: BTreeMap<String, KindConfig>,
+}
+
+/// Default AMQP URL: the local broker with the guest account.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            amqp_url: DEFAULT_AMQP_URL.to_string(),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            queues: vec![DEFAULT_QUEUE.to_string()],
+            queue_type: QueueType::Quorum,
+            prefetch: 0,
+            concurrency: 100,
+            shutdown_grace_ms: 30_000,
+            job_timeout_ms: 300_000,
+            max_payload_bytes: 1024 * 1024,
+            delivery_limit: 20,
+            data_dir: PathBuf::from("data"),
+            worker_id: None,
+            log_format: LogFormat::Text,
+            log_level: "info".to_string(),
+            queue: BTreeMap::new(),
+            kind: BTreeMap::new(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the key (and line) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a wrong type; the
+    /// message names the key, line and column.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// An environment variable has a value that does not parse.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A `TASKMILL_*` variable that taskmill does not know (a typo?).
+    #[error("unknown environment variable {var}; known: {known}")]
+    UnknownEnv {
+        /// The variable.
+        var: String,
+        /// The known names.
+        known: String,
+    },
+    /// A value that parsed but is not allowed.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+type EnvSetter = fn(&mut Config, &str) -> Result<(), String>;
+
+fn parse<T: std::str::FromStr>(v: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    v.trim()
+        .parse::<T>()
+        .map_err(|e| format!("invalid value `{v}`: {e}"))
+}
+
+/// The `TASKMILL_*` variables that set configuration keys, with their setters.
+const ENV_KEYS: &[(&str, EnvSetter)] = &[
+    ("TASKMILL_AMQP_URL", |c, v| {
+        c.amqp_url = v.to_string();
+        Ok(())
+    }),
+    ("TASKMILL_HTTP_ADDR", |c, v| {
+        c.http_addr = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_QUEUES", |c, v| {
+        c.queues = split_list(v);
+        Ok(())
+    }),
+    ("TASKMILL_QUEUE_TYPE", |c, v| {
+        c.queue_type = v.parse()?;
+        Ok(())
+    }),
+    ("TASKMILL_PREFETCH", |c, v| {
+        c.prefetch = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_CONCURRENCY", |c, v| {
+        c.concurrency = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_SHUTDOWN_GRACE_MS", |c, v| {
+        c.shutdown_grace_ms = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_JOB_TIMEOUT_MS", |c, v| {
+        c.job_timeout_ms = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_MAX_PAYLOAD_BYTES", |c, v| {
+        c.max_payload_bytes = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_DELIVERY_LIMIT", |c, v| {
+        c.delivery_limit = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_DATA_DIR", |c, v| {
+        c.data_dir = PathBuf::from(v);
+        Ok(())
+    }),
+    ("TASKMILL_WORKER_ID", |c, v| {
+        c.worker_id = Some(v.to_string());
+        Ok(())
+    }),
+    ("TASKMILL_LOG_FORMAT", |c, v| {
+        c.log_format = v.parse()?;
+        Ok(())
+    }),
+    ("TASKMILL_LOG_LEVEL", |c, v| {
+        c.log_level = v.to_string();
+        Ok(())
+    }),
+];
+
+/// `TASKMILL_*` variables that are read elsewhere and are not config keys.
+pub const OTHER_ENV: &[&str] = &[
+    // The config file path itself.
+    "TASKMILL_CONFIG",
+    // Set by the worker for its CPU child processes.
+    "TASKMILL_CPU_CHILD",
+    "TASKMILL_CPU_RAYON_THREADS",
+    // Read by the diagnostic kind `test.effect`.
+    "TASKMILL_EFFECTS_FILE",
+];
+
+/// Every environment variable that sets a configuration key, in documentation order.
+pub fn env_keys() -> impl Iterator<Item = &'static str> {
+    ENV_KEYS.iter().map(|(name, _)| *name)
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+impl Config {
+    /// Parses a TOML document. Errors name the key and its line.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Applies `TASKMILL_*` variables from `vars` over this configuration.
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (name, value) in vars {
+            if !name.starts_with("TASKMILL_") {
+                continue;
+            }
+            if let Some((_, set)) = ENV_KEYS.iter().find(|(n, _)| *n == name) {
+                set(self, &value).map_err(|message| ConfigError::Env {
+                    var: name.clone(),
+                    message,
+                })?;
+            } else if !OTHER_ENV.contains(&name.as_str()) {
+                let known: Vec<&str> = env_keys().chain(OTHER_ENV.iter().copied()).collect();
+                return Err(ConfigError::UnknownEnv {
+                    var: name,
+                    known: known.join(", "),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.to_string(),
+            message,
+        };
+        if self.queues.is_empty() {
+            return Err(invalid("queues", "at least one queue is needed".into()));
+        }
+        for q in &self.queues {
+            check_queue_name(q).map_err(|m| invalid("queues", m))?;
+        }
+        for name in self.queue.keys() {
+            check_queue_name(name).map_err(|m| invalid(&format!("queue.{name}"), m))?;
+        }
+        if self.concurrency == 0 {
+            return Err(invalid("concurrency", "must be at least 1".into()));
+        }
+        for (name, q) in &self.queue {
+            if q.concurrency == Some(0) {
+                return Err(invalid(
+                    &format!("queue.{name}.concurrency"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        if self.job_timeout_ms == 0 {
+            return Err(invalid("job_timeout_ms", "must be positive".into()));
+        }
+        for (name, k) in &self.kind {
+            if k.timeout_ms == Some(0) {
+                return Err(invalid(
+                    &format!("kind.{name}.timeout_ms"),
+                    "must be positive".into(),
+                ));
+            }
+        }
+        if self.max_payload_bytes == 0 {
+            return Err(invalid("max_payload_bytes", "must be positive".into()));
+        }
+        if !(self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://")) {
+            return Err(invalid(
+                "amqp_url",
+                format!(
+                    "must start with amqp:// or amqps://, got `{}`",
+                    redact_url(&self.amqp_url)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective settings of `queue`.
+    pub fn queue_settings(&self, queue: &str) -> QueueSettings {
+        let q = self.queue.get(queue).cloned().unwrap_or_default();
+        let concurrency = q.concurrency.unwrap_or(self.concurrency);
+        let prefetch = q.prefetch.unwrap_or(self.prefetch);
+        let prefetch = if prefetch == 0 {
+            u16::try_from(concurrency).unwrap_or(u16::MAX)
+        } else {
+            prefetch
+        };
+        QueueSettings {
+            name: queue.to_string(),
+            prefetch,
+            concurrency,
+            queue_type: q.queue_type.unwrap_or(self.queue_type),
+        }
+    }
+
+    /// The hard timeout of one attempt of `kind`.
+    pub fn kind_timeout(&self, kind: &str) -> std::time::Duration {
+        let ms = self
+            .kind
+            .get(kind)
+            .and_then(|k| k.timeout_ms)
+            .unwrap_or(self.job_timeout_ms);
+        std::time::Duration::from_millis(ms)
+    }
+
+    /// The worker id: configured, or `hostname-pid`.
+    pub fn worker_id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "worker".to_string());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    /// The configuration as TOML with every secret redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.amqp_url = redact_url(&shown.amqp_url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// The resolved settings of one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// Queue name.
+    pub name: String,
+    /// basic.qos prefetch.
+    pub prefetch: u16,
+    /// Jobs run at once.
+    pub concurrency: usize,
+    /// Queue type.
+    pub queue_type: QueueType,
+}
+
+fn check_queue_name(q: &str) -> Result<(), String> {
+    if q.is_empty() || q.len() > 200 {
+        return Err(format!("queue name `{q}` must be 1 to 200 bytes"));
+    }
+    if q.starts_with("amq.") {
+        return Err(format!(
+            "queue name `{q}`: the amq. prefix is reserved by RabbitMQ"
+        ));
+    }
+    if q.ends_with(".dead") {
+        return Err(format!(
+            "queue name `{q}`: names ending in .dead are dead-letter queues"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let q = c.queue_settings("default");
+        assert_eq!(q.prefetch, 100);
+        assert_eq!(q.queue_type, QueueType::Quorum);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = Config::from_toml(
+            "amqp_url = \"amqp://x\"\n\nprefetch_count = 5\n",
+            Path::new("w.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("prefetch_count"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("w.toml"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let err = Config::from_toml("[queue.default]\nprefetch = \"ten\"\n", Path::new("w.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2") && err.contains("prefetch"), "{err}");
+    }
+
+    #[test]
+    fn precedence_file_then_env() {
+        let mut c = Config::from_toml(
+            "queues = [\"a\", \"b\"]\nconcurrency = 7\n[queue.b]\nconcurrency = 3\nqueue_type = \"classic\"\n",
+            Path::new("w.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.queue_settings("b").concurrency, 3);
+        assert_eq!(c.queue_settings("a").concurrency, 7);
+        c.apply_env([
+            ("TASKMILL_QUEUES".to_string(), "x, y".to_string()),
+            ("TASKMILL_CONCURRENCY".to_string(), "9".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(c.queues, vec!["x", "y"]);
+        assert_eq!(c.queue_settings("x").concurrency, 9);
+        assert_eq!(c.queue_settings("b").queue_type, QueueType::Classic);
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let mut c = Config::default();
+        let err = c
+            .apply_env([("TASKMILL_PREFETCH".to_string(), "lots".to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("TASKMILL_PREFETCH") && err.contains("lots"),
+            "{err}"
+        );
+        let err = c
+            .apply_env([("TASKMILL_QUEUE".to_string(), "x".to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown environment variable TASKMILL_QUEUE"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let c = Config {
+            queues: vec!["jobs.dead".into()],
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("`queues`"));
+        let c = Config {
+            amqp_url: "http://u:pw@host".into(),
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("amqp_url") && !err.contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn show_redacts_password_and_round_trips() {
+        let c = Config {
+            amqp_url: "amqp://app:hunter2@rabbit:5672/prod".into(),
+            ..Config::default()
+        };
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let back = Config::from_toml(&shown, Path::new("shown.toml")).unwrap();
+        assert_eq!(back.queues, c.queues);
+    }
+}
