@@ -1,0 +1,215 @@
+//! Consuming with manual acks and a prefetch limit.
+
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use taskmill_core::wire::{
+    EXCHANGE, H_DEAD_AT_MS, H_DEAD_ERROR, H_DEAD_QUEUE, H_DEAD_REASON, H_DEAD_WORKER, Properties,
+    dead_queue_name,
+};
+use taskmill_core::{DeadReason, DecodeError, Envelope};
+
+use crate::connection::{Broker, BrokerError};
+use crate::convert;
+use crate::publisher::Outgoing;
+
+/// A consumer on its own channel. Deliveries not acked when the channel closes
+/// return to the queue.
+pub struct Consumer {
+    channel: lapin::Channel,
+    inner: lapin::Consumer,
+    queue: String,
+    tag: String,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+impl Broker {
+    /// Starts consuming `queue` with manual acks and at most `prefetch`
+    /// unacknowledged deliveries.
+    pub async fn consume(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        tag: &str,
+    ) -> Result<Consumer, BrokerError> {
+        let channel = self.channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(BrokerError::op("basic.qos"))?;
+        let inner = channel
+            .basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::op(format!("basic.consume {queue}")))?;
+        Ok(Consumer {
+            channel,
+            inner,
+            queue: queue.to_string(),
+            tag: tag.to_string(),
+        })
+    }
+}
+
+impl Consumer {
+    /// The next delivery; `None` when the consumer was cancelled or its
+    /// channel closed, an error when the connection failed.
+    pub async fn next(&mut self) -> Option<Result<Incoming, BrokerError>> {
+        let item = self.inner.next().await?;
+        Some(
+            item.map(|delivery| Incoming {
+                delivery,
+                queue: self.queue.clone(),
+            })
+            .map_err(BrokerError::op(format!("consume {}", self.queue))),
+        )
+    }
+
+    /// Asks the broker to stop sending deliveries. Deliveries already received
+    /// stay valid for ack/nack until the channel closes.
+    pub async fn cancel(&self) -> Result<(), BrokerError> {
+        self.channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .map_err(BrokerError::op(format!("basic.cancel {}", self.queue)))
+    }
+
+    /// Closes the channel: every unacknowledged delivery returns to the queue.
+    pub async fn close(&self) {
+        if self.channel.status().connected() {
+            let _ = self.channel.close(200, "closing".into()).await;
+        }
+    }
+}
+
+/// One delivery.
+pub struct Incoming {
+    delivery: Delivery,
+    queue: String,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("queue", &self.queue)
+            .field("tag", &self.delivery.delivery_tag)
+            .finish()
+    }
+}
+
+impl Incoming {
+    /// The queue it was consumed from.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Whether the broker delivered it before (to this or another consumer).
+    pub fn redelivered(&self) -> bool {
+        self.delivery.redelivered
+    }
+
+    /// The job id (`message_id`), if any, for logs.
+    pub fn message_id(&self) -> Option<&str> {
+        self.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str())
+    }
+
+    /// Decodes the delivery per protocol v1. On success the body moves into the
+    /// envelope (no copy); on failure it stays for [`Incoming::dead_letter`].
+    pub fn decode(&mut self, max_payload_bytes: usize) -> Result<Envelope, DecodeError> {
+        let p = &self.delivery.properties;
+        let props = Properties {
+            message_id: p.message_id().as_ref().map(|s| s.as_str()),
+            content_type: p.content_type().as_ref().map(|s| s.as_str()),
+            timestamp: *p.timestamp(),
+        };
+        let headers = p.headers().as_ref();
+        Envelope::decode(
+            &self.queue,
+            props,
+            |name| convert::lookup(headers, name),
+            &mut self.delivery.data,
+            max_payload_bytes,
+        )
+    }
+
+    /// A copy of this delivery for `Q.dead`: original body, properties and
+    /// headers, plus the reason headers. `body` is the payload when the caller
+    /// took it out by decoding; `None` uses the delivery's own body.
+    pub fn dead_letter(
+        &self,
+        reason: DeadReason,
+        error: &str,
+        worker_id: &str,
+        body: Option<&[u8]>,
+    ) -> Outgoing {
+        let mut headers = self
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        let s = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes()));
+        headers.insert(ShortString::from(H_DEAD_REASON), s(reason.as_str()));
+        headers.insert(ShortString::from(H_DEAD_ERROR), s(error));
+        headers.insert(ShortString::from(H_DEAD_QUEUE), s(&self.queue));
+        headers.insert(ShortString::from(H_DEAD_WORKER), s(worker_id));
+        let now_ms = i64::try_from(taskmill_core::wire::now_us() / 1000).unwrap_or(i64::MAX);
+        headers.insert(
+            ShortString::from(H_DEAD_AT_MS),
+            AMQPValue::LongLongInt(now_ms),
+        );
+        let properties = self
+            .delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        Outgoing {
+            exchange: EXCHANGE.to_string(),
+            routing_key: dead_queue_name(&self.queue),
+            properties,
+            body: body.unwrap_or(&self.delivery.data).to_vec(),
+        }
+    }
+
+    /// Acknowledges the delivery: the broker forgets the message.
+    pub async fn ack(&self) -> Result<(), BrokerError> {
+        self.delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(BrokerError::op("basic.ack"))
+    }
+
+    /// Returns the delivery to its queue for another consumer.
+    pub async fn requeue(&self) -> Result<(), BrokerError> {
+        self.delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .map(|_| ())
+            .map_err(BrokerError::op("basic.nack"))
+    }
+}

@@ -1,0 +1,81 @@
+//! Protocol headers <-> AMQP field tables.
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use taskmill_core::HeaderValue;
+
+/// Converts an AMQP value into the protocol's neutral header value.
+pub fn from_amqp(v: &AMQPValue) -> HeaderValue {
+    match v {
+        AMQPValue::Boolean(b) => HeaderValue::Bool(*b),
+        AMQPValue::ShortShortInt(n) => HeaderValue::Int(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => HeaderValue::Int(i64::from(*n)),
+        AMQPValue::ShortInt(n) => HeaderValue::Int(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => HeaderValue::Int(i64::from(*n)),
+        AMQPValue::LongInt(n) => HeaderValue::Int(i64::from(*n)),
+        AMQPValue::LongUInt(n) => HeaderValue::Int(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => HeaderValue::Int(*n),
+        AMQPValue::Float(f) => HeaderValue::Float(f64::from(*f)),
+        AMQPValue::Double(f) => HeaderValue::Float(*f),
+        AMQPValue::ShortString(s) => HeaderValue::Str(s.as_str().to_string()),
+        AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
+            Ok(s) => HeaderValue::Str(s.to_string()),
+            Err(_) => HeaderValue::Bytes(s.as_bytes().to_vec()),
+        },
+        AMQPValue::ByteArray(b) => HeaderValue::Bytes(b.as_slice().to_vec()),
+        AMQPValue::DecimalValue(_) => HeaderValue::Other("decimal"),
+        AMQPValue::FieldArray(_) => HeaderValue::Other("array"),
+        AMQPValue::Timestamp(_) => HeaderValue::Other("timestamp"),
+        AMQPValue::FieldTable(_) => HeaderValue::Other("table"),
+        AMQPValue::Void => HeaderValue::Other("void"),
+    }
+}
+
+/// Converts a protocol header value into an AMQP value.
+pub fn to_amqp(v: &HeaderValue) -> AMQPValue {
+    match v {
+        HeaderValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
+        HeaderValue::Int(n) => AMQPValue::LongLongInt(*n),
+        HeaderValue::Bool(b) => AMQPValue::Boolean(*b),
+        HeaderValue::Float(f) => AMQPValue::Double(*f),
+        HeaderValue::Bytes(b) => AMQPValue::LongString(LongString::from(b.as_slice())),
+        HeaderValue::Other(_) => AMQPValue::Void,
+    }
+}
+
+/// Builds a field table from protocol headers.
+pub fn table(headers: &[(&'static str, HeaderValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in headers {
+        t.insert(ShortString::from(*k), to_amqp(v));
+    }
+    t
+}
+
+/// Looks a header up in an optional field table.
+pub fn lookup(t: Option<&FieldTable>, name: &str) -> Option<HeaderValue> {
+    t?.inner().get(name).map(from_amqp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        for v in [
+            HeaderValue::Str("héllo".into()),
+            HeaderValue::Int(-42),
+            HeaderValue::Bool(true),
+            HeaderValue::Float(1.5),
+        ] {
+            assert_eq!(from_amqp(&to_amqp(&v)), v);
+        }
+        assert_eq!(
+            from_amqp(&AMQPValue::LongString(LongString::from(
+                &[0xffu8, 0xfe][..]
+            ))),
+            HeaderValue::Bytes(vec![0xff, 0xfe])
+        );
+        assert_eq!(from_amqp(&AMQPValue::LongUInt(7)), HeaderValue::Int(7));
+    }
+}

@@ -1,0 +1,24 @@
+//! The RabbitMQ adapter: the only crate that imports lapin.
+//!
+//! Layout:
+//! - [`connection`]: [`Broker`], one AMQP connection, and the channels made from it.
+//! - [`topology`]: declaring the `taskmill` exchange, work queues, their
+//!   dead-letter queues and bindings (idempotent).
+//! - [`publisher`]: [`Publisher`], a confirm-mode channel; a publish is done only
+//!   when the broker confirmed it, and an unroutable or nacked publish is an error.
+//! - [`consumer`]: [`Consumer`] and [`Incoming`], a delivery with ack/nack and
+//!   decoding into a [`taskmill_core::Envelope`].
+//! - [`convert`]: protocol headers <-> AMQP field tables.
+//!
+//! Nothing here knows about handlers: the worker decides, this crate carries out.
+
+pub mod connection;
+pub mod consumer;
+pub mod convert;
+pub mod publisher;
+pub mod topology;
+
+pub use connection::{Broker, BrokerError, Fetched};
+pub use consumer::{Consumer, Incoming};
+pub use publisher::{Outgoing, PendingConfirm, PublishError, Publisher};
+pub use topology::QueueSpec;
