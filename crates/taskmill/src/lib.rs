@@ -1,0 +1,13 @@
+//! The `taskmill` command: `worker`, `enqueue`, `config`, `demo`, and the
+//! built-in job kinds. Logic that other programs could reuse lives in the
+//! library crates; this crate wires them.
+//!
+//! Layout:
+//! - [`cli`]: argument parsing and config loading (file < env < flags).
+//! - [`kinds`]: built-in kinds (`noop`, `io.sleep`, `io.http_get`).
+//! - [`commands`]: one module per subcommand.
+
+pub mod cli;
+pub mod commands;
+pub mod kinds;
+pub mod stats;
