@@ -1,0 +1,56 @@
+# taskmill: the two commands a new user needs are `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+VENV := .venv
+PY := $(VENV)/bin/python
+TM_BIN := target/debug/taskmill
+
+.PHONY: run test build lint services venv promtool deploy-check clean
+
+## run: set up what is missing (RabbitMQ), build, and run the demo.
+run: services
+	$(CARGO) run --release -p taskmill -- demo
+
+## test: the whole suite against the real broker and database.
+test: services-all venv promtool
+	$(CARGO) build --workspace --all-targets
+	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) deploy-check
+
+## lint: formatting and clippy, as CI runs them.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+services:
+	scripts/ensure-services.sh
+
+services-all:
+	scripts/ensure-services.sh --postgres
+
+# The virtualenv for the Python parts of the suite: the pika producer test and
+# the offline deployment validation.
+$(PY): deploy/requirements.txt requirements-test.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-test.txt -r deploy/requirements.txt
+	touch $(PY)
+
+venv: $(PY)
+
+# promtool (Debian's prometheus package) checks the alert rules and configs.
+promtool:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else echo "promtool is missing: install Debian's 'prometheus' package" >&2; exit 1; fi; }
+
+deploy-check: venv promtool
+	$(CARGO) build -p taskmill
+	TM_BIN=$(TM_BIN) PYTHON=$(PY) deploy/validate.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)
