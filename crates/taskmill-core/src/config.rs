@@ -118,6 +118,14 @@ pub struct Config {
     pub delivery_limit: u32,
     /// Directory for the embedded store and scratch files.
     pub data_dir: PathBuf,
+    /// Idempotency and result store: `sqlite://FILE` or `postgres://...`.
+    /// Unset: a SQLite file `taskmill.db` in `data_dir`.
+    pub store_url: Option<String>,
+    /// Local CPU worker processes; 0 means one per core.
+    pub cpu_processes: usize,
+    /// Enables the diagnostic kinds (`test.fail`, `test.effect`, `test.crash`,
+    /// `test.spin`) used by smoke tests; off in production.
+    pub diagnostic_kinds: bool,
     /// Name of this worker in logs and dead-letter headers; default host-pid.
     pub worker_id: Option<String>,
     /// Log format.
@@ -147,6 +155,9 @@ impl Default for Config {
             max_payload_bytes: 1024 * 1024,
             delivery_limit: 20,
             data_dir: PathBuf::from("data"),
+            store_url: None,
+            cpu_processes: 0,
+            diagnostic_kinds: false,
             worker_id: None,
             log_format: LogFormat::Text,
             log_level: "info".to_string(),
@@ -257,6 +268,18 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
     }),
     ("TASKMILL_DATA_DIR", |c, v| {
         c.data_dir = PathBuf::from(v);
+        Ok(())
+    }),
+    ("TASKMILL_STORE_URL", |c, v| {
+        c.store_url = Some(v.to_string());
+        Ok(())
+    }),
+    ("TASKMILL_CPU_PROCESSES", |c, v| {
+        c.cpu_processes = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_DIAGNOSTIC_KINDS", |c, v| {
+        c.diagnostic_kinds = parse(v)?;
         Ok(())
     }),
     ("TASKMILL_WORKER_ID", |c, v| {
@@ -420,6 +443,13 @@ impl Config {
         std::time::Duration::from_millis(ms)
     }
 
+    /// The store URL: configured, or a SQLite file in `data_dir`.
+    pub fn store_url(&self) -> String {
+        self.store_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("taskmill.db").display())
+        })
+    }
+
     /// The worker id: configured, or `hostname-pid`.
     pub fn worker_id(&self) -> String {
         self.worker_id.clone().unwrap_or_else(|| {
@@ -434,6 +464,7 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.amqp_url = redact_url(&shown.amqp_url);
+        shown.store_url = shown.store_url.as_deref().map(redact_url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -562,10 +593,12 @@ mod tests {
     fn show_redacts_password_and_round_trips() {
         let c = Config {
             amqp_url: "amqp://app:hunter2@rabbit:5672/prod".into(),
+            store_url: Some("postgres://app:pgsecret@db/jobs".into()),
             ..Config::default()
         };
         let shown = c.to_redacted_toml();
         assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("pgsecret"), "{shown}");
         let back = Config::from_toml(&shown, Path::new("shown.toml")).unwrap();
         assert_eq!(back.queues, c.queues);
     }
