@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::redact::redact_url;
+use crate::retry::{Jitter, RetryPolicy};
 use crate::wire::DEFAULT_QUEUE;
 
 /// The type of the work queues the worker declares.
@@ -81,12 +82,23 @@ pub struct QueueConfig {
     pub queue_type: Option<QueueType>,
 }
 
-/// Settings of one job kind (`[kind."NAME"]` in the file).
+/// Settings of one job kind (`[kind."NAME"]` in the file); unset fields take
+/// the worker-wide value.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KindConfig {
     /// Hard timeout of one attempt, in milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Attempts in all, the first included.
+    pub max_attempts: Option<u32>,
+    /// Backoff after the first failure, in milliseconds.
+    pub backoff_base_ms: Option<u64>,
+    /// Backoff growth per further failure.
+    pub backoff_factor: Option<f64>,
+    /// Largest backoff, in milliseconds.
+    pub backoff_max_ms: Option<u64>,
+    /// Backoff randomisation: `full`, `equal` or `none`.
+    pub jitter: Option<Jitter>,
 }
 
 /// The effective configuration of a worker.
@@ -110,6 +122,21 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Default hard timeout of one attempt of an IO job.
     pub job_timeout_ms: u64,
+    /// Attempts in all for a job whose errors are retryable (first included).
+    pub max_attempts: u32,
+    /// Backoff after the first failure, in milliseconds.
+    pub backoff_base_ms: u64,
+    /// Backoff growth per further failure.
+    pub backoff_factor: f64,
+    /// Largest backoff, in milliseconds.
+    pub backoff_max_ms: u64,
+    /// Backoff randomisation: `full` (default), `equal` or `none`.
+    pub jitter: Jitter,
+    /// How long a completed or failed idempotency key is remembered, in hours.
+    pub store_retention_hours: u64,
+    /// The queue consumed for CPU jobs when CPU kinds are registered; its
+    /// prefetch and concurrency follow the CPU pool size.
+    pub cpu_queue: String,
     /// Largest accepted payload; larger jobs are refused at enqueue and
     /// dead-lettered at consume.
     pub max_payload_bytes: usize,
@@ -123,6 +150,18 @@ pub struct Config {
     pub store_url: Option<String>,
     /// Local CPU worker processes; 0 means one per core.
     pub cpu_processes: usize,
+    /// Rayon threads inside each CPU worker process; 0 means
+    /// max(1, cores / cpu_processes), so processes × threads never
+    /// oversubscribe the cores.
+    pub cpu_rayon_threads: usize,
+    /// Replace a CPU worker process after this many jobs (0: never).
+    pub cpu_max_jobs_per_child: u64,
+    /// Replace a CPU worker process whose resident memory exceeds this many
+    /// MiB, checked between jobs (0: no limit).
+    pub cpu_max_rss_mb: u64,
+    /// Address-space limit (RLIMIT_AS) of each CPU worker process in MiB; an
+    /// allocation beyond it fails inside the job (0: no limit).
+    pub cpu_address_space_mb: u64,
     /// Enables the diagnostic kinds (`test.fail`, `test.effect`, `test.crash`,
     /// `test.spin`) used by smoke tests; off in production.
     pub diagnostic_kinds: bool,
@@ -152,11 +191,22 @@ impl Default for Config {
             concurrency: 100,
             shutdown_grace_ms: 30_000,
             job_timeout_ms: 300_000,
+            max_attempts: 5,
+            backoff_base_ms: 1_000,
+            backoff_factor: 2.0,
+            backoff_max_ms: 300_000,
+            jitter: Jitter::Full,
+            store_retention_hours: 24 * 7,
+            cpu_queue: "cpu".to_string(),
             max_payload_bytes: 1024 * 1024,
             delivery_limit: 20,
             data_dir: PathBuf::from("data"),
             store_url: None,
             cpu_processes: 0,
+            cpu_rayon_threads: 0,
+            cpu_max_jobs_per_child: 0,
+            cpu_max_rss_mb: 0,
+            cpu_address_space_mb: 0,
             diagnostic_kinds: false,
             worker_id: None,
             log_format: LogFormat::Text,
@@ -258,6 +308,26 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
         c.job_timeout_ms = parse(v)?;
         Ok(())
     }),
+    ("TASKMILL_MAX_ATTEMPTS", |c, v| {
+        c.max_attempts = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_BACKOFF_BASE_MS", |c, v| {
+        c.backoff_base_ms = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_BACKOFF_MAX_MS", |c, v| {
+        c.backoff_max_ms = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_STORE_RETENTION_HOURS", |c, v| {
+        c.store_retention_hours = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_CPU_QUEUE", |c, v| {
+        c.cpu_queue = v.to_string();
+        Ok(())
+    }),
     ("TASKMILL_MAX_PAYLOAD_BYTES", |c, v| {
         c.max_payload_bytes = parse(v)?;
         Ok(())
@@ -276,6 +346,22 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
     }),
     ("TASKMILL_CPU_PROCESSES", |c, v| {
         c.cpu_processes = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_CPU_RAYON_THREADS", |c, v| {
+        c.cpu_rayon_threads = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_CPU_MAX_JOBS_PER_CHILD", |c, v| {
+        c.cpu_max_jobs_per_child = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_CPU_MAX_RSS_MB", |c, v| {
+        c.cpu_max_rss_mb = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_CPU_ADDRESS_SPACE_MB", |c, v| {
+        c.cpu_address_space_mb = parse(v)?;
         Ok(())
     }),
     ("TASKMILL_DIAGNOSTIC_KINDS", |c, v| {
@@ -302,7 +388,7 @@ pub const OTHER_ENV: &[&str] = &[
     "TASKMILL_CONFIG",
     // Set by the worker for its CPU child processes.
     "TASKMILL_CPU_CHILD",
-    "TASKMILL_CPU_RAYON_THREADS",
+    "TASKMILL_CPU_MAX_FRAME_BYTES",
     // Read by the diagnostic kind `test.effect`.
     "TASKMILL_EFFECTS_FILE",
 ];
@@ -400,6 +486,29 @@ impl Config {
                 ));
             }
         }
+        if self.max_attempts == 0 {
+            return Err(invalid("max_attempts", "must be at least 1".into()));
+        }
+        if !(self.backoff_factor >= 1.0 && self.backoff_factor.is_finite()) {
+            return Err(invalid("backoff_factor", "must be a number >= 1".into()));
+        }
+        for (name, k) in &self.kind {
+            if k.max_attempts == Some(0) {
+                return Err(invalid(
+                    &format!("kind.{name}.max_attempts"),
+                    "must be at least 1".into(),
+                ));
+            }
+            if k.backoff_factor
+                .is_some_and(|f| !(f >= 1.0 && f.is_finite()))
+            {
+                return Err(invalid(
+                    &format!("kind.{name}.backoff_factor"),
+                    "must be a number >= 1".into(),
+                ));
+            }
+        }
+        check_queue_name(&self.cpu_queue).map_err(|m| invalid("cpu_queue", m))?;
         if self.max_payload_bytes == 0 {
             return Err(invalid("max_payload_bytes", "must be positive".into()));
         }
@@ -445,9 +554,23 @@ impl Config {
 
     /// The store URL: configured, or a SQLite file in `data_dir`.
     pub fn store_url(&self) -> String {
-        self.store_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("taskmill.db").display())
-        })
+        self.store_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("taskmill.db").display()))
+    }
+
+    /// The retry policy of `kind`.
+    pub fn retry_policy(&self, kind: &str) -> RetryPolicy {
+        let k = self.kind.get(kind).cloned().unwrap_or_default();
+        RetryPolicy {
+            max_attempts: k.max_attempts.unwrap_or(self.max_attempts).max(1),
+            base: std::time::Duration::from_millis(
+                k.backoff_base_ms.unwrap_or(self.backoff_base_ms),
+            ),
+            factor: k.backoff_factor.unwrap_or(self.backoff_factor),
+            cap: std::time::Duration::from_millis(k.backoff_max_ms.unwrap_or(self.backoff_max_ms)),
+            jitter: k.jitter.unwrap_or(self.jitter),
+        }
     }
 
     /// The worker id: configured, or `hostname-pid`.

@@ -123,6 +123,9 @@ pub enum Outcome {
     Dead,
     /// The job's idempotency key had already completed; nothing ran.
     Duplicate,
+    /// Another worker holds the job's key right now; a delayed copy was
+    /// published to try again after its lease.
+    Deferred,
     /// The job overran its timeout and was dead-lettered.
     Timeout,
     /// The job's task or process crashed and the job was dead-lettered.
@@ -137,6 +140,7 @@ impl Outcome {
             Outcome::Retried => "retried",
             Outcome::Dead => "dead",
             Outcome::Duplicate => "duplicate",
+            Outcome::Deferred => "deferred",
             Outcome::Timeout => "timeout",
             Outcome::Crashed => "crashed",
         }

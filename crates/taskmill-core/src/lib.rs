@@ -9,6 +9,7 @@
 //!   set of outcomes used in metrics and logs.
 //! - [`config`]: the worker configuration: TOML file < `TASKMILL_*` env < flags.
 //! - [`redact`]: hiding credentials in URLs before they reach logs or output.
+//! - [`retry`]: the retry policy and its backoff schedule.
 //!
 //! ```
 //! use taskmill_core::wire::Envelope;
@@ -19,6 +20,7 @@
 pub mod config;
 pub mod error;
 pub mod redact;
+pub mod retry;
 pub mod wire;
 
 pub use error::{JobError, Outcome};

@@ -44,6 +44,13 @@ pub const H_TRACEPARENT: &str = "traceparent";
 /// Header: W3C trace context `tracestate` (string, optional).
 pub const H_TRACESTATE: &str = "tracestate";
 
+/// Header: when the job's first attempt failed, ms since the Unix epoch
+/// (integer; set by the worker on retry copies, kept on dead letters).
+pub const H_FIRST_FAILED_AT_MS: &str = "taskmill-first-failed-at-ms";
+/// Header: set (any value) by `taskmill dlq replay` on a replayed job: a key
+/// whose earlier run ended in final failure may run again.
+pub const H_REPLAY: &str = "taskmill-replay";
+
 /// Dead-letter header: the reason code (one of [`DeadReason`]).
 pub const H_DEAD_REASON: &str = "taskmill-dead-reason";
 /// Dead-letter header: the human-readable error.
@@ -63,6 +70,69 @@ pub const MAX_KIND_LEN: usize = 255;
 /// The name of the dead-letter queue of `queue`.
 pub fn dead_queue_name(queue: &str) -> String {
     format!("{queue}.dead")
+}
+
+/// Delays live on the broker as a binary ladder of delay queues: level `n`
+/// holds messages for `DELAY_TICK × 2^n`. A delay is its number of ticks in
+/// binary; the message visits exactly the levels of its set bits (see
+/// `docs/protocol.md`, "Delayed jobs").
+pub const DELAY_LEVELS: u32 = 25;
+/// The delay precision: delays are rounded up to a whole number of ticks.
+pub const DELAY_TICK: Duration = Duration::from_millis(100);
+/// The longest expressible delay (about 38.8 days).
+pub const MAX_DELAY: Duration = Duration::from_millis(100 * ((1u64 << DELAY_LEVELS) - 1));
+/// Exchange of delay level `n` (topic).
+pub fn delay_exchange(level: u32) -> String {
+    format!("{EXCHANGE}.delay.{level}")
+}
+/// The exchange that takes expired delayed messages to their work queue (topic).
+pub const DELAY_DELIVER_EXCHANGE: &str = "taskmill.delay.deliver";
+
+/// Where to publish a job for `queue` so it arrives after `delay`: the
+/// exchange and the routing key. A delay under one tick goes straight to the
+/// work exchange. Delays above [`MAX_DELAY`] are refused.
+pub fn delay_route(queue: &str, delay: Duration) -> Result<(String, String), String> {
+    if delay > MAX_DELAY {
+        return Err(format!(
+            "delay {delay:?} exceeds the maximum of {MAX_DELAY:?}"
+        ));
+    }
+    let tick = DELAY_TICK.as_nanos();
+    let ticks = delay.as_nanos().div_ceil(tick) as u64;
+    if ticks == 0 {
+        return Ok((EXCHANGE.to_string(), queue.to_string()));
+    }
+    Ok((
+        delay_exchange(DELAY_LEVELS - 1),
+        delay_routing_key(queue, ticks),
+    ))
+}
+
+/// The routing key of a message delayed `ticks`: one word per level, most
+/// significant first (`1` = wait at that level), then the queue name.
+pub fn delay_routing_key(queue: &str, ticks: u64) -> String {
+    let mut key = String::with_capacity(2 * DELAY_LEVELS as usize + queue.len());
+    for level in (0..DELAY_LEVELS).rev() {
+        key.push(if (ticks >> level) & 1 == 1 { '1' } else { '0' });
+        key.push('.');
+    }
+    key.push_str(queue);
+    key
+}
+
+/// The binding pattern at delay level `level` selecting messages whose bit
+/// for that level is `bit`.
+pub fn delay_level_pattern(level: u32, bit: bool) -> String {
+    let before = (DELAY_LEVELS - 1 - level) as usize;
+    let mut p = "*.".repeat(before);
+    p.push(if bit { '1' } else { '0' });
+    p.push_str(".#");
+    p
+}
+
+/// The binding pattern from [`DELAY_DELIVER_EXCHANGE`] to work queue `queue`.
+pub fn delay_deliver_pattern(queue: &str) -> String {
+    format!("{}{queue}", "*.".repeat(DELAY_LEVELS as usize))
 }
 
 /// A header value, independent of the AMQP library.
@@ -112,8 +182,10 @@ pub enum DeadReason {
     UnsupportedProtocol,
     /// The body is larger than the configured limit.
     PayloadTooLarge,
-    /// The handler returned an error that ends the job.
+    /// The handler returned a permanent error.
     HandlerError,
+    /// The job failed with retryable errors on every allowed attempt.
+    AttemptsExhausted,
     /// The job overran its timeout.
     Timeout,
     /// The job's task or process crashed.
@@ -132,6 +204,7 @@ impl DeadReason {
             DeadReason::UnsupportedProtocol => "unsupported_protocol",
             DeadReason::PayloadTooLarge => "payload_too_large",
             DeadReason::HandlerError => "handler_error",
+            DeadReason::AttemptsExhausted => "attempts_exhausted",
             DeadReason::Timeout => "timeout",
             DeadReason::Crashed => "crashed",
         }
@@ -189,6 +262,10 @@ pub struct Envelope {
     pub traceparent: Option<String>,
     /// W3C `tracestate`.
     pub tracestate: Option<String>,
+    /// When the first attempt failed (ms since the Unix epoch), on retries.
+    pub first_failed_at_ms: Option<u64>,
+    /// Whether an operator replayed it from the dead-letter queue.
+    pub replay: bool,
     /// The JSON payload, as bytes: parsed once, by the handler's deserializer.
     pub payload: Vec<u8>,
 }
@@ -214,6 +291,8 @@ impl Envelope {
             enqueued_at_us: Some(now_us()),
             traceparent: None,
             tracestate: None,
+            first_failed_at_ms: None,
+            replay: false,
             payload,
         }
     }
@@ -244,6 +323,15 @@ impl Envelope {
         }
         if let Some(ts) = &self.tracestate {
             h.push((H_TRACESTATE, HeaderValue::Str(ts.clone())));
+        }
+        if let Some(ms) = self.first_failed_at_ms {
+            h.push((
+                H_FIRST_FAILED_AT_MS,
+                HeaderValue::Int(i64::try_from(ms).unwrap_or(i64::MAX)),
+            ));
+        }
+        if self.replay {
+            h.push((H_REPLAY, HeaderValue::Bool(true)));
         }
         h
     }
@@ -397,6 +485,11 @@ impl Envelope {
                 HeaderValue::Str(s) => Some(s),
                 _ => None,
             });
+        let first_failed_at_ms = match header(H_FIRST_FAILED_AT_MS) {
+            None => None,
+            Some(v) => u64::try_from(int_header(H_FIRST_FAILED_AT_MS, v)?).ok(),
+        };
+        let replay = header(H_REPLAY).is_some();
         Ok(Envelope {
             job_id,
             kind,
@@ -407,6 +500,8 @@ impl Envelope {
             enqueued_at_us,
             traceparent,
             tracestate,
+            first_failed_at_ms,
+            replay,
             payload: std::mem::take(body),
         })
     }
@@ -684,6 +779,46 @@ mod tests {
                 .validate(1024)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn delay_routes_visit_the_set_bits() {
+        let (ex, key) = delay_route("jobs.cpu", Duration::from_millis(1_250)).unwrap();
+        assert_eq!(ex, "taskmill.delay.24");
+        // 1.25 s = 13 ticks = 0b1101
+        let bits: Vec<&str> = key.split('.').take(DELAY_LEVELS as usize).collect();
+        assert_eq!(bits[(DELAY_LEVELS - 1) as usize], "1");
+        assert_eq!(bits[(DELAY_LEVELS - 2) as usize], "0");
+        assert_eq!(bits[(DELAY_LEVELS - 3) as usize], "1");
+        assert_eq!(bits[(DELAY_LEVELS - 4) as usize], "1");
+        assert!(key.ends_with(".jobs.cpu"));
+        assert_eq!(
+            delay_route("q", Duration::ZERO).unwrap(),
+            ("taskmill".to_string(), "q".to_string())
+        );
+        assert_eq!(
+            delay_route("q", Duration::from_millis(1)).unwrap().1,
+            delay_routing_key("q", 1)
+        );
+        assert!(delay_route("q", MAX_DELAY + DELAY_TICK).is_err());
+        assert_eq!(delay_level_pattern(DELAY_LEVELS - 1, true), "1.#");
+        assert_eq!(
+            delay_level_pattern(0, false),
+            format!("{}0.#", "*.".repeat(24))
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn delay_key_encodes_the_tick_count(ticks in 1u64..(1 << DELAY_LEVELS)) {
+            let key = delay_routing_key("q", ticks);
+            let mut back = 0u64;
+            for (i, w) in key.split('.').take(DELAY_LEVELS as usize).enumerate() {
+                let level = DELAY_LEVELS - 1 - i as u32;
+                if w == "1" { back |= 1 << level; }
+            }
+            proptest::prop_assert_eq!(back, ticks);
+        }
     }
 
     #[test]
