@@ -159,6 +159,7 @@ impl Incoming {
         error: &str,
         worker_id: &str,
         body: Option<&[u8]>,
+        extra: &[(&'static str, taskmill_core::HeaderValue)],
     ) -> Outgoing {
         let mut headers = self
             .delivery
@@ -176,6 +177,9 @@ impl Incoming {
             ShortString::from(H_DEAD_AT_MS),
             AMQPValue::LongLongInt(now_ms),
         );
+        for (k, v) in extra {
+            headers.insert(ShortString::from(*k), convert::to_amqp(v));
+        }
         let properties = self
             .delivery
             .properties

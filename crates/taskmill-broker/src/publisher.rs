@@ -69,6 +69,17 @@ impl Outgoing {
         }
     }
 
+    /// A job that becomes ready in `queue` after `delay`, through the delay
+    /// ladder (declare it with [`crate::Broker::declare_delays`]). Precision:
+    /// rounded up to [`taskmill_core::wire::DELAY_TICK`].
+    pub fn job_delayed(env: &Envelope, delay: std::time::Duration) -> Result<Outgoing, String> {
+        let (exchange, routing_key) = taskmill_core::wire::delay_route(&env.queue, delay)?;
+        let mut msg = Outgoing::job(env);
+        msg.exchange = exchange;
+        msg.routing_key = routing_key;
+        Ok(msg)
+    }
+
     /// Any message, for tooling and tests that must send what a foreign or
     /// broken producer would: to `exchange` with `routing_key`, persistent,
     /// with the given properties and headers (nothing validated).

@@ -10,7 +10,10 @@ use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use taskmill_core::config::QueueType;
-use taskmill_core::wire::{EXCHANGE, dead_queue_name};
+use taskmill_core::wire::{
+    DELAY_DELIVER_EXCHANGE, DELAY_LEVELS, DELAY_TICK, EXCHANGE, dead_queue_name,
+    delay_deliver_pattern, delay_exchange, delay_level_pattern,
+};
 
 use crate::connection::{Broker, BrokerError};
 
@@ -76,6 +79,95 @@ impl Broker {
             )
             .await
             .map_err(BrokerError::op(format!("queue.bind {name}")))?;
+        }
+        // Delayed copies (retries, `enqueue --delay`) reach the queue through
+        // the delay ladder's delivery exchange.
+        ch.queue_bind(
+            spec.name.as_str().into(),
+            DELAY_DELIVER_EXCHANGE.into(),
+            delay_deliver_pattern(&spec.name).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::op(format!(
+            "queue.bind {} to {DELAY_DELIVER_EXCHANGE}",
+            spec.name
+        )))?;
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    /// Declares the delay ladder: for each level `n` a topic exchange and a
+    /// queue holding messages `DELAY_TICK × 2^n` (queue-level TTL, so every
+    /// message in a queue expires in order at its head), dead-lettering to the
+    /// next lower level, level 0 to the delivery exchange. A message's routing
+    /// key selects the levels it waits in. Idempotent. The ladder is shared by
+    /// every queue of the vhost, so its type is fixed: quorum queues, which
+    /// dead-letter at-least-once (a delayed job is never dropped between levels).
+    pub async fn declare_delays(&self) -> Result<(), BrokerError> {
+        let queue_type = QueueType::Quorum;
+        let ch = self.channel().await?;
+        let durable_ex = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let exchanges = std::iter::once(DELAY_DELIVER_EXCHANGE.to_string())
+            .chain((0..DELAY_LEVELS).map(delay_exchange));
+        for ex in exchanges {
+            ch.exchange_declare(
+                ex.as_str().into(),
+                ExchangeKind::Topic,
+                durable_ex,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::op(format!("exchange.declare {ex}")))?;
+        }
+        for level in 0..DELAY_LEVELS {
+            let name = delay_exchange(level);
+            let next = if level == 0 {
+                DELAY_DELIVER_EXCHANGE.to_string()
+            } else {
+                delay_exchange(level - 1)
+            };
+            let ttl_ms = (DELAY_TICK.as_millis() as i64) << level;
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), long(queue_type.as_str()));
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms));
+            args.insert("x-dead-letter-exchange".into(), long(&next));
+            if queue_type == QueueType::Quorum {
+                args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+                args.insert("x-overflow".into(), long("reject-publish"));
+            }
+            ch.queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .map_err(BrokerError::op(format!("queue.declare {name}")))?;
+            ch.queue_bind(
+                name.as_str().into(),
+                name.as_str().into(),
+                delay_level_pattern(level, true).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::op(format!("queue.bind {name}")))?;
+            ch.exchange_bind(
+                next.as_str().into(),
+                name.as_str().into(),
+                delay_level_pattern(level, false).into(),
+                lapin::options::ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::op(format!("exchange.bind {next} <- {name}")))?;
         }
         let _ = ch.close(200, "declared".into()).await;
         Ok(())
