@@ -15,8 +15,10 @@ use taskmill_telemetry::{Metrics, Readiness};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::{IoHandler, JobContext, erase};
+use crate::handler::{Handler, JobContext, erase, erase_tx};
 use crate::runtime;
+use taskmill_cpu::{CpuPool, CpuRegistry, HandlerError, JobInput, PoolConfig, RestartCause};
+use taskmill_store::CompletionTx;
 
 /// A worker that cannot start or run.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,9 @@ pub enum WorkerError {
     /// The run loop task failed.
     #[error("worker task failed: {0}")]
     Join(String),
+    /// The CPU worker-process pool could not start.
+    #[error("cannot start the CPU process pool: {0}")]
+    CpuPool(#[from] taskmill_cpu::PoolError),
 }
 
 /// What happened to one job, for in-process observers (the demo, tests).
@@ -60,7 +65,9 @@ pub type JobObserver = Arc<dyn Fn(&JobReport) + Send + Sync>;
 /// Builds a [`Worker`]: register handlers by kind, then [`WorkerBuilder::build`].
 pub struct WorkerBuilder {
     config: Config,
-    io: HashMap<String, IoHandler>,
+    handlers: HashMap<String, Handler>,
+    cpu: CpuRegistry,
+    cpu_program: Option<std::path::PathBuf>,
     duplicate: Option<String>,
     observer: Option<JobObserver>,
     metrics: Option<Metrics>,
@@ -69,7 +76,7 @@ pub struct WorkerBuilder {
 impl std::fmt::Debug for WorkerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerBuilder")
-            .field("kinds", &self.io.keys().collect::<Vec<_>>())
+            .field("kinds", &self.handlers.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -79,7 +86,9 @@ impl WorkerBuilder {
     pub fn new(config: Config) -> Self {
         WorkerBuilder {
             config,
-            io: HashMap::new(),
+            handlers: HashMap::new(),
+            cpu: CpuRegistry::new(),
+            cpu_program: None,
             duplicate: None,
             observer: None,
             metrics: None,
@@ -96,10 +105,67 @@ impl WorkerBuilder {
         F: Fn(JobContext, P) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, JobError>> + Send + 'static,
     {
-        if self.io.insert(kind.to_string(), erase(kind, f)).is_some() {
+        self.add(kind, Handler::Io(erase(kind, f)));
+        self
+    }
+
+    /// Registers a transactional IO handler: it receives the store's open
+    /// completion transaction, writes its own rows in it and returns it with
+    /// its result; the completion record and those rows commit together or
+    /// not at all, which makes database effects exactly-once. The job's
+    /// idempotency key (or, without one, its job id) is claimed first.
+    pub fn io_transactional<P, R, F, Fut>(mut self, kind: &str, f: F) -> Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(JobContext, P, CompletionTx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(R, CompletionTx), JobError>> + Send + 'static,
+    {
+        self.add(kind, Handler::IoTx(erase_tx(kind, f)));
+        self
+    }
+
+    /// Registers a CPU handler: a plain function run in a local worker
+    /// process (the same binary re-executed in child mode), so it cannot block
+    /// the event loop, can be killed on timeout and cannot crash the worker.
+    /// The binary must call [`WorkerBuilder::run_child_if_requested`] (or
+    /// `taskmill_cpu::run_child` with the same kinds) before anything else.
+    pub fn cpu<P, R, F>(mut self, kind: &str, f: F) -> Self
+    where
+        P: DeserializeOwned,
+        R: Serialize,
+        F: Fn(&JobInput<'_>, P) -> Result<R, HandlerError> + Send + Sync + 'static,
+    {
+        if self.cpu.contains(kind) {
             self.duplicate.get_or_insert_with(|| kind.to_string());
+        } else {
+            self.cpu.register_json(kind, f);
+        }
+        self.add(kind, Handler::Cpu);
+        self
+    }
+
+    /// The program the CPU pool starts (default: this executable). It must
+    /// serve the same CPU kinds in child mode.
+    pub fn cpu_program(mut self, program: impl Into<std::path::PathBuf>) -> Self {
+        self.cpu_program = Some(program.into());
+        self
+    }
+
+    /// In a CPU child process (`TASKMILL_CPU_CHILD=1`), serves the registered
+    /// CPU kinds over stdin/stdout and exits; otherwise returns `self`. Call it
+    /// first thing in `main`, before logging or a runtime is set up.
+    pub fn run_child_if_requested(self) -> Self {
+        if taskmill_cpu::is_child_mode() {
+            taskmill_cpu::run_child(&self.cpu);
         }
         self
+    }
+
+    fn add(&mut self, kind: &str, h: Handler) {
+        if self.handlers.insert(kind.to_string(), h).is_some() {
+            self.duplicate.get_or_insert_with(|| kind.to_string());
+        }
     }
 
     /// Calls `f` for every finished job.
@@ -116,7 +182,7 @@ impl WorkerBuilder {
 
     /// The kinds registered so far.
     pub fn kinds(&self) -> Vec<String> {
-        let mut k: Vec<String> = self.io.keys().cloned().collect();
+        let mut k: Vec<String> = self.handlers.keys().cloned().collect();
         k.sort();
         k
     }
@@ -128,17 +194,26 @@ impl WorkerBuilder {
             return Err(WorkerError::DuplicateKind(kind));
         }
         let worker_id = self.config.worker_id();
+        let mut config = self.config;
+        let has_cpu = self.handlers.values().any(|h| matches!(h, Handler::Cpu));
+        if has_cpu && !config.queues.contains(&config.cpu_queue) {
+            config.queues.push(config.cpu_queue.clone());
+        }
         Ok(Worker {
             shared: Arc::new(runtime::Shared {
                 metrics: self
                     .metrics
                     .unwrap_or_else(|| Metrics::new(env!("CARGO_PKG_VERSION"))),
                 readiness: Readiness::new(),
-                io: self.io,
+                handlers: self.handlers,
                 observer: self.observer,
                 worker_id,
-                config: self.config,
+                store: tokio::sync::OnceCell::new(),
+                cpu: std::sync::OnceLock::new(),
+                config,
             }),
+            cpu_program: self.cpu_program,
+            has_cpu,
         })
     }
 }
@@ -146,6 +221,8 @@ impl WorkerBuilder {
 /// A configured worker, ready to start.
 pub struct Worker {
     shared: Arc<runtime::Shared>,
+    cpu_program: Option<std::path::PathBuf>,
+    has_cpu: bool,
 }
 
 impl std::fmt::Debug for Worker {
@@ -166,6 +243,46 @@ impl Worker {
     /// cancelled and the drain is over.
     pub async fn start(self, shutdown: CancellationToken) -> Result<WorkerHandle, WorkerError> {
         let shared = self.shared;
+        if self.has_cpu {
+            let c = &shared.config;
+            let mut cfg = PoolConfig::for_current_exe(c.cpu_processes);
+            if c.cpu_rayon_threads > 0 {
+                cfg.rayon_threads_per_child = c.cpu_rayon_threads;
+            }
+            let mib = |n: u64| (n > 0).then_some(n * 1024 * 1024);
+            cfg.max_jobs_per_child =
+                (c.cpu_max_jobs_per_child > 0).then_some(c.cpu_max_jobs_per_child);
+            cfg.max_rss_per_child_bytes = mib(c.cpu_max_rss_mb);
+            cfg.address_space_limit_bytes = mib(c.cpu_address_space_mb);
+            if let Some(p) = self.cpu_program {
+                cfg.program = p;
+            }
+            let restarts = prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "taskmill_cpu_process_restarts_total",
+                    "CPU worker processes replaced, by cause.",
+                ),
+                &["cause"],
+            )
+            .expect("valid metric");
+            for cause in RestartCause::ALL {
+                restarts.with_label_values(&[cause.as_str()]);
+            }
+            let _ = shared
+                .metrics
+                .registry()
+                .register(Box::new(restarts.clone()));
+            cfg.on_restart = Some(Arc::new(move |cause: RestartCause| {
+                restarts.with_label_values(&[cause.as_str()]).inc();
+            }));
+            let pool = CpuPool::start(cfg).await?;
+            let _ = shared.metrics.registry().register(Box::new(
+                crate::cpu_metrics::PoolCollector::new(pool.clone()),
+            ));
+            shared.readiness.set("cpu_pool", pool.live() > 0);
+            tracing::info!(size = pool.size(), "CPU process pool started");
+            let _ = shared.cpu.set(pool);
+        }
         let http = HttpServer::bind(
             shared.config.http_addr,
             shared.metrics.clone(),
@@ -187,7 +304,7 @@ impl Worker {
             worker_id = %shared.worker_id,
             http = %http_addr,
             queues = ?shared.config.queues,
-            kinds = ?{ let mut k: Vec<_> = shared.io.keys().collect(); k.sort(); k },
+            kinds = ?{ let mut k: Vec<_> = shared.handlers.keys().collect(); k.sort(); k },
             "worker starting"
         );
         let shared_readiness = shared.readiness.clone();

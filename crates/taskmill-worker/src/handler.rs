@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use taskmill_core::JobError;
+use taskmill_store::CompletionTx;
 
 /// What a handler knows about the job it runs.
 #[derive(Debug, Clone)]
@@ -67,4 +68,61 @@ where
             })
         })
     })
+}
+
+/// A boxed transactional handler future: returns the result and hands the
+/// completion transaction back so the runtime commits both together.
+pub type TxHandlerFuture =
+    Pin<Box<dyn Future<Output = Result<(serde_json::Value, CompletionTx), JobError>> + Send>>;
+
+/// A type-erased transactional IO handler.
+pub type IoTxHandler =
+    Arc<dyn Fn(JobContext, &[u8], CompletionTx) -> TxHandlerFuture + Send + Sync>;
+
+/// Wraps a typed transactional handler. The handler writes its rows through
+/// the [`CompletionTx`] and returns it with its result; the runtime then
+/// records the completion in the same transaction and commits. An error (or a
+/// panic, or a timeout) drops the transaction: nothing it wrote is kept.
+pub fn erase_tx<P, R, F, Fut>(kind: &str, f: F) -> IoTxHandler
+where
+    P: DeserializeOwned + Send + 'static,
+    R: Serialize + Send + 'static,
+    F: Fn(JobContext, P, CompletionTx) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(R, CompletionTx), JobError>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    let kind = kind.to_string();
+    Arc::new(move |ctx: JobContext, payload: &[u8], tx: CompletionTx| {
+        let parsed = serde_json::from_slice::<P>(payload);
+        let f = f.clone();
+        let kind = kind.clone();
+        Box::pin(async move {
+            let p = parsed.map_err(|e| JobError::from_payload_error(&kind, &e))?;
+            let (r, tx) = f(ctx, p, tx).await?;
+            let value = serde_json::to_value(r).map_err(|e| JobError::Permanent {
+                message: format!("handler result is not serializable to JSON: {e}"),
+            })?;
+            Ok((value, tx))
+        })
+    })
+}
+
+/// What runs a kind.
+#[derive(Clone)]
+pub(crate) enum Handler {
+    /// Inline async handler.
+    Io(IoHandler),
+    /// Inline async handler writing inside the completion transaction.
+    IoTx(IoTxHandler),
+    /// Runs in the CPU worker-process pool.
+    Cpu,
+}
+
+impl Handler {
+    pub(crate) fn class(&self) -> &'static str {
+        match self {
+            Handler::Io(_) | Handler::IoTx(_) => "io",
+            Handler::Cpu => "cpu",
+        }
+    }
 }

@@ -1,62 +1,113 @@
-//! The life of one delivery: decode, dispatch, run under a timeout, then ack
-//! or dead-letter.
+//! The life of one delivery: decode, claim the idempotency key, dispatch (IO
+//! inline or CPU in the process pool) under a hard timeout, then ack, retry
+//! through the delay ladder, or dead-letter.
 //!
-//! The rule that keeps nothing lost: the message is acked only after its
-//! outcome is durable. A dead-letter copy is acked only once the broker
-//! confirmed the copy; if that publish fails the delivery stays unacked and the
-//! broker redelivers it.
+//! The rule that keeps nothing lost: a message is acked only after its
+//! outcome is durable — the completion recorded in the store (when the job
+//! has a key), or its retry / deferred / dead-letter copy confirmed by the
+//! broker. If that publish fails, the session ends (the supervisor reconnects
+//! and redeclares) and the unacked delivery returns to its queue.
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_lite::FutureExt;
-use taskmill_broker::Incoming;
-use taskmill_core::wire::now_us;
-use taskmill_core::{DeadReason, JobError, Outcome};
+use taskmill_broker::{Incoming, Outgoing};
+use taskmill_core::wire::{H_FIRST_FAILED_AT_MS, now_us};
+use taskmill_core::{DeadReason, Envelope, HeaderValue, JobError, Outcome};
+use taskmill_cpu::{CpuError, CpuRequest, HandlerError};
+use taskmill_store::{Claim, ClaimToken, IdempotencyStore};
 use taskmill_telemetry::metrics::{InFlightGuard, UNKNOWN_KIND};
 
 use crate::builder::JobReport;
-use crate::handler::JobContext;
+use crate::handler::{Handler, JobContext};
 use crate::runtime::Session;
+
+/// Margin of an idempotency lease over the job's hard timeout: the lease
+/// outlives every attempt that can still be running.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// Retry delay when the store cannot be reached.
+const STORE_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Longest wait before re-checking a key held by another worker.
+const MAX_DEFER: Duration = Duration::from_secs(300);
+
+/// The identity of a job for reports.
+struct Info {
+    queue: String,
+    kind: String,
+    job_id: Option<String>,
+    queue_wait: Option<Duration>,
+}
+
+impl Info {
+    fn report(&self, outcome: Outcome, run_time: Duration, error: Option<String>) -> JobReport {
+        JobReport {
+            queue: self.queue.clone(),
+            kind: self.kind.clone(),
+            job_id: self.job_id.clone(),
+            outcome,
+            queue_wait: self.queue_wait,
+            run_time,
+            error,
+        }
+    }
+}
+
+/// Why a run produced no outcome.
+enum Failure {
+    /// The job failed; its error decides retry or dead-letter.
+    Job(JobError),
+    /// The worker is shutting down and stopped the job: leave it unacked.
+    Abandon(String),
+}
+
+/// A successful run.
+struct Done {
+    value: serde_json::Value,
+    /// The completion was committed with the handler's own writes.
+    committed: bool,
+}
 
 pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
     let shared = &session.shared;
     let queue = incoming.queue().to_string();
-    let env = match incoming.decode(shared.config.max_payload_bytes) {
+    let mut env = match incoming.decode(shared.config.max_payload_bytes) {
         Ok(env) => env,
         Err(e) => {
             tracing::warn!(queue = %queue, message_id = ?incoming.message_id(), reason = e.reason.as_str(), error = %e.detail, "refusing message");
-            let report = JobReport {
-                queue: queue.clone(),
+            let info = Info {
+                queue,
                 kind: UNKNOWN_KIND.to_string(),
                 job_id: incoming.message_id().map(str::to_string),
-                outcome: Outcome::Dead,
                 queue_wait: None,
-                run_time: Duration::ZERO,
-                error: Some(e.to_string()),
             };
-            dead_letter(session, &incoming, e.reason, &e.detail, None, report).await;
+            let report = info.report(Outcome::Dead, Duration::ZERO, Some(e.to_string()));
+            dead_letter(session, &incoming, e.reason, &e.detail, None, &[], report).await;
             return;
         }
     };
-    let Some(handler) = shared.io.get(&env.kind) else {
+    let payload: Bytes = std::mem::take(&mut env.payload).into();
+    let queue_wait = env
+        .enqueued_at_us
+        .map(|at| Duration::from_micros(now_us().saturating_sub(at)));
+    let info = Info {
+        queue: queue.clone(),
+        kind: env.kind.clone(),
+        job_id: Some(env.job_id.clone()),
+        queue_wait,
+    };
+    let Some(handler) = shared.handlers.get(&env.kind).cloned() else {
         let detail = format!("no handler is registered for kind `{}`", env.kind);
         tracing::warn!(queue = %queue, job_id = %env.job_id, kind = %env.kind, "refusing job: unknown kind");
-        let report = JobReport {
-            queue: queue.clone(),
-            kind: env.kind.clone(),
-            job_id: Some(env.job_id.clone()),
-            outcome: Outcome::Dead,
-            queue_wait: None,
-            run_time: Duration::ZERO,
-            error: Some(detail.clone()),
-        };
+        let report = info.report(Outcome::Dead, Duration::ZERO, Some(detail.clone()));
         dead_letter(
             session,
             &incoming,
             DeadReason::UnknownKind,
             &detail,
-            Some(&env.payload),
+            Some(&payload),
+            &[],
             report,
         )
         .await;
@@ -65,9 +116,6 @@ pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
 
     let kind_timeout = shared.config.kind_timeout(&env.kind);
     let timeout = env.timeout.map_or(kind_timeout, |t| t.min(kind_timeout));
-    let queue_wait = env
-        .enqueued_at_us
-        .map(|at| Duration::from_micros(now_us().saturating_sub(at)));
     let labels = [queue.as_str(), env.kind.as_str()];
     if let Some(w) = queue_wait {
         shared
@@ -76,33 +124,42 @@ pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
             .with_label_values(&labels)
             .observe(w.as_secs_f64());
     }
-    let start = Instant::now();
-    let ctx = JobContext {
-        job_id: env.job_id.clone(),
-        kind: env.kind.clone(),
-        queue: queue.clone(),
-        attempt: env.attempt,
-        idempotency_key: env.idempotency_key.clone(),
-        traceparent: env.traceparent.clone(),
-        deadline: start + timeout,
+
+    // Idempotency: a job with a key (and every transactional job, keyed by
+    // its id when it has no key) is claimed before it runs.
+    let key = env
+        .idempotency_key
+        .clone()
+        .or_else(|| matches!(handler, Handler::IoTx(_)).then(|| env.job_id.clone()));
+    let token = match key {
+        None => None,
+        Some(key) => {
+            match claim(
+                session,
+                &incoming,
+                &env,
+                &payload,
+                &key,
+                timeout + LEASE_MARGIN,
+                &info,
+            )
+            .await
+            {
+                Some(t) => Some(t),
+                None => return,
+            }
+        }
     };
-    // The handler parses the payload before returning its future, so the
-    // bytes stay here, uncopied, for a possible dead-letter copy.
+
+    let start = Instant::now();
     let result = {
         let _in_flight = InFlightGuard::new(
             shared
                 .metrics
                 .jobs_in_flight
-                .with_label_values(&[&queue, "io"]),
+                .with_label_values(&[&queue, handler.class()]),
         );
-        let fut = AssertUnwindSafe(handler(ctx, &env.payload)).catch_unwind();
-        match tokio::time::timeout(timeout, fut).await {
-            Err(_) => Err(JobError::Timeout { after: timeout }),
-            Ok(Err(panic)) => Err(JobError::Crashed {
-                cause: format!("handler panicked: {}", panic_message(&panic)),
-            }),
-            Ok(Ok(r)) => r,
-        }
+        run(session, &handler, &env, &payload, timeout, token.as_ref()).await
     };
     let run_time = start.elapsed();
     shared
@@ -112,42 +169,353 @@ pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
         .observe(run_time.as_secs_f64());
 
     match result {
-        Ok(_value) => {
-            if ack(session, &incoming).await {
-                finish(
-                    session,
-                    JobReport {
-                        queue,
-                        kind: env.kind,
-                        job_id: Some(env.job_id),
-                        outcome: Outcome::Ok,
-                        queue_wait,
+        Ok(done) => {
+            if let Some(t) = &token
+                && !done.committed
+                && !complete(session, t, &done.value).await
+            {
+                {
+                    // The effect happened but its completion is not recorded:
+                    // check again later (at-least-once; the lease keeps other
+                    // workers off until it expires).
+                    let report = info.report(
+                        Outcome::Deferred,
                         run_time,
-                        error: None,
-                    },
-                );
+                        Some("completion not recorded".into()),
+                    );
+                    defer(
+                        session,
+                        &incoming,
+                        &env,
+                        &payload,
+                        STORE_RETRY_DELAY,
+                        report,
+                    )
+                    .await;
+                    return;
+                }
+            }
+            if ack(session, &incoming).await {
+                finish(session, info.report(Outcome::Ok, run_time, None));
             }
         }
-        Err(err) => {
-            tracing::warn!(queue = %queue, job_id = %env.job_id, kind = %env.kind, attempt = env.attempt, error = %err, "job failed");
-            let report = JobReport {
-                queue: queue.clone(),
-                kind: env.kind.clone(),
-                job_id: Some(env.job_id.clone()),
-                outcome: err.final_outcome(),
-                queue_wait,
-                run_time,
-                error: Some(err.to_string()),
-            };
-            dead_letter(
-                session,
-                &incoming,
-                err.dead_reason(),
-                &err.to_string(),
-                Some(&env.payload),
-                report,
-            )
+        Err(Failure::Abandon(why)) => {
+            tracing::info!(queue = %queue, job_id = %env.job_id, reason = %why, "job stopped by shutdown; leaving it to the broker");
+            if let Some(t) = &token {
+                let _ = session.store().release(t).await;
+            }
+        }
+        Err(Failure::Job(err)) => {
+            let policy = shared.config.retry_policy(&env.kind);
+            if err.is_retryable() && policy.allows_retry_after(env.attempt) {
+                let mut delay = policy.backoff(env.attempt, fastrand::f64());
+                if let JobError::Retryable {
+                    retry_after: Some(at_least),
+                    ..
+                } = &err
+                {
+                    delay = delay.max(*at_least);
+                }
+                tracing::info!(queue = %queue, job_id = %env.job_id, kind = %env.kind, attempt = env.attempt, retry_in = ?delay, error = %err, "job failed; retrying");
+                if let Some(t) = &token
+                    && let Err(e) = session.store().release(t).await
+                {
+                    tracing::warn!(error = %e, "cannot release the idempotency lease; it expires by itself");
+                }
+                let mut next = env.clone();
+                next.attempt += 1;
+                next.first_failed_at_ms.get_or_insert(now_us() / 1000);
+                next.replay = false;
+                let report = info.report(Outcome::Retried, run_time, Some(err.to_string()));
+                republish(session, &incoming, next, &payload, delay, report).await;
+            } else {
+                let reason = if err.is_retryable() {
+                    DeadReason::AttemptsExhausted
+                } else {
+                    err.dead_reason()
+                };
+                tracing::warn!(queue = %queue, job_id = %env.job_id, kind = %env.kind, attempt = env.attempt, reason = reason.as_str(), error = %err, "job failed for good; dead-lettering");
+                if let Some(t) = &token {
+                    let record = serde_json::json!({
+                        "reason": reason.as_str(),
+                        "error": err.to_string(),
+                        "attempts": env.attempt,
+                    });
+                    if let Err(e) = session.store().fail(t, &record).await {
+                        tracing::warn!(error = %e, "cannot record the final failure in the store");
+                    }
+                }
+                let first_failed = env.first_failed_at_ms.unwrap_or(now_us() / 1000);
+                let extra = [(
+                    H_FIRST_FAILED_AT_MS,
+                    HeaderValue::Int(i64::try_from(first_failed).unwrap_or(i64::MAX)),
+                )];
+                let report = info.report(err.final_outcome(), run_time, Some(err.to_string()));
+                dead_letter(
+                    session,
+                    &incoming,
+                    reason,
+                    &err.to_string(),
+                    Some(&payload),
+                    &extra,
+                    report,
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// Claims `key`; `None` when the delivery was dealt with here (duplicate,
+/// deferred, or left for the store to come back).
+async fn claim(
+    session: &Session,
+    incoming: &Incoming,
+    env: &Envelope,
+    payload: &Bytes,
+    key: &str,
+    lease: Duration,
+    info: &Info,
+) -> Option<ClaimToken> {
+    let shared = &session.shared;
+    let store = session.store();
+    let mut forgot = false;
+    loop {
+        let claim = store
+            .claim(key, &env.job_id, &env.kind, &shared.worker_id, lease)
             .await;
+        match claim {
+            Ok(Claim::Acquired(token)) => return Some(token),
+            Ok(Claim::AlreadyCompleted { .. }) => {
+                tracing::debug!(job_id = %env.job_id, key, "duplicate: key already completed");
+                if ack(session, incoming).await {
+                    finish(
+                        session,
+                        info.report(Outcome::Duplicate, Duration::ZERO, None),
+                    );
+                }
+                return None;
+            }
+            Ok(Claim::AlreadyFailed { .. }) if env.replay && !forgot => {
+                // An operator replayed a job whose key ended in failure.
+                tracing::info!(job_id = %env.job_id, key, "replay: forgetting the failed key");
+                if let Err(e) = store.forget(key).await {
+                    tracing::warn!(error = %e, "cannot forget the key for the replay");
+                }
+                forgot = true;
+            }
+            Ok(Claim::AlreadyFailed { .. }) => {
+                tracing::debug!(job_id = %env.job_id, key, "duplicate: key already failed for good");
+                if ack(session, incoming).await {
+                    finish(
+                        session,
+                        info.report(Outcome::Duplicate, Duration::ZERO, None),
+                    );
+                }
+                return None;
+            }
+            Ok(Claim::HeldElsewhere { owner, expires_in }) => {
+                let delay = (expires_in + Duration::from_secs(1)).min(MAX_DEFER);
+                tracing::debug!(job_id = %env.job_id, key, owner = %owner, retry_in = ?delay, "key held by a live lease; deferring");
+                let report = info.report(Outcome::Deferred, Duration::ZERO, None);
+                defer(session, incoming, env, payload, delay, report).await;
+                return None;
+            }
+            Err(e) => {
+                shared.readiness.set("store", false);
+                tracing::warn!(job_id = %env.job_id, error = %e, "cannot claim the idempotency key; deferring");
+                let report = info.report(Outcome::Deferred, Duration::ZERO, Some(e.to_string()));
+                defer(session, incoming, env, payload, STORE_RETRY_DELAY, report).await;
+                return None;
+            }
+        }
+    }
+}
+
+/// Runs the handler under the hard timeout, catching panics.
+async fn run(
+    session: &Session,
+    handler: &Handler,
+    env: &Envelope,
+    payload: &Bytes,
+    timeout: Duration,
+    token: Option<&ClaimToken>,
+) -> Result<Done, Failure> {
+    let ctx = || JobContext {
+        job_id: env.job_id.clone(),
+        kind: env.kind.clone(),
+        queue: env.queue.clone(),
+        attempt: env.attempt,
+        idempotency_key: env.idempotency_key.clone(),
+        traceparent: env.traceparent.clone(),
+        deadline: Instant::now() + timeout,
+    };
+    match handler {
+        Handler::Io(h) => {
+            let fut = AssertUnwindSafe(h(ctx(), payload)).catch_unwind();
+            let value = guarded(fut, timeout).await.map_err(Failure::Job)?;
+            Ok(Done {
+                value,
+                committed: false,
+            })
+        }
+        Handler::IoTx(h) => {
+            let token = token.expect("transactional jobs are always claimed");
+            let tx = session.store().begin_completion(token).await.map_err(|e| {
+                Failure::Job(JobError::retryable(format!(
+                    "cannot open the completion transaction: {e}"
+                )))
+            })?;
+            let fut = AssertUnwindSafe(h(ctx(), payload, tx)).catch_unwind();
+            let (value, tx) = guarded(fut, timeout).await.map_err(Failure::Job)?;
+            tx.commit(&value).await.map_err(|e| {
+                Failure::Job(JobError::retryable(format!(
+                    "cannot commit the completion (the handler's writes were rolled back): {e}"
+                )))
+            })?;
+            Ok(Done {
+                value,
+                committed: true,
+            })
+        }
+        Handler::Cpu => {
+            let Some(pool) = session.shared.cpu.get() else {
+                return Err(Failure::Job(JobError::permanent("no CPU pool is running")));
+            };
+            let req = CpuRequest {
+                job_id: env.job_id.clone(),
+                kind: env.kind.clone(),
+                attempt: env.attempt,
+                traceparent: env.traceparent.clone(),
+                payload: payload.clone(),
+                timeout,
+            };
+            match pool.run(req).await {
+                Ok(bytes) => {
+                    let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                    Ok(Done {
+                        value,
+                        committed: false,
+                    })
+                }
+                Err(e) if e.is_shutdown() => Err(Failure::Abandon(e.to_string())),
+                Err(e) => Err(Failure::Job(cpu_error(e))),
+            }
+        }
+    }
+}
+
+/// Awaits a handler future with the hard timeout, turning panics into errors.
+async fn guarded<T>(
+    fut: impl std::future::Future<Output = Result<Result<T, JobError>, Box<dyn std::any::Any + Send>>>,
+    timeout: Duration,
+) -> Result<T, JobError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Err(_) => Err(JobError::Timeout { after: timeout }),
+        Ok(Err(panic)) => Err(JobError::Crashed {
+            cause: format!("handler panicked: {}", panic_message(&panic)),
+        }),
+        Ok(Ok(r)) => r,
+    }
+}
+
+fn cpu_error(e: CpuError) -> JobError {
+    match e {
+        CpuError::Timeout { after } => JobError::Timeout { after },
+        CpuError::Crashed { cause } => JobError::Crashed { cause },
+        CpuError::Panicked { message } => JobError::Crashed {
+            cause: format!("handler panicked: {message}"),
+        },
+        CpuError::Handler(HandlerError::Retryable {
+            message,
+            retry_after_ms,
+        }) => JobError::Retryable {
+            message,
+            retry_after: retry_after_ms.map(Duration::from_millis),
+        },
+        CpuError::Handler(HandlerError::Permanent { message }) => JobError::Permanent { message },
+        other => JobError::Crashed {
+            cause: other.to_string(),
+        },
+    }
+}
+
+/// Records the completion, retrying briefly on transient store errors.
+async fn complete(session: &Session, token: &ClaimToken, value: &serde_json::Value) -> bool {
+    let mut wait = Duration::from_millis(100);
+    for attempt in 1..=3 {
+        match session.store().complete(token, value).await {
+            Ok(()) => return true,
+            Err(taskmill_store::StoreError::LeaseLost { .. }) => {
+                // Another worker took the key over after our lease expired and
+                // will record its own outcome; ours must not overwrite it.
+                tracing::warn!(key = %token.key, "lease lost before completion; the job may have run twice");
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(key = %token.key, attempt, error = %e, "cannot record the completion");
+                tokio::time::sleep(wait).await;
+                wait *= 4;
+            }
+        }
+    }
+    false
+}
+
+/// Publishes `next` to run after `delay`, then acks the original.
+async fn republish(
+    session: &Session,
+    incoming: &Incoming,
+    mut next: Envelope,
+    payload: &Bytes,
+    delay: Duration,
+    report: JobReport,
+) {
+    next.payload = payload.to_vec();
+    next.enqueued_at_us = Some(now_us() + u64::try_from(delay.as_micros()).unwrap_or(u64::MAX));
+    let msg = match Outgoing::job_delayed(&next, delay) {
+        Ok(m) => m,
+        Err(e) => {
+            // Only a delay beyond the ladder's range; clamp to its maximum.
+            tracing::warn!(error = %e, "delay out of range; using the maximum");
+            Outgoing::job_delayed(&next, taskmill_core::wire::MAX_DELAY)
+                .expect("the maximum delay is in range")
+        }
+    };
+    if publish(session, &msg).await && ack(session, incoming).await {
+        finish(session, report);
+    }
+}
+
+/// Publishes a copy of the same attempt to run after `delay`, then acks.
+async fn defer(
+    session: &Session,
+    incoming: &Incoming,
+    env: &Envelope,
+    payload: &Bytes,
+    delay: Duration,
+    report: JobReport,
+) {
+    republish(session, incoming, env.clone(), payload, delay, report).await;
+}
+
+/// Publishes with confirm; on failure ends the session and returns false.
+async fn publish(session: &Session, msg: &Outgoing) -> bool {
+    match session.publisher.publish(msg).await {
+        Ok(took) => {
+            session
+                .shared
+                .metrics
+                .publish_confirm_seconds
+                .observe(took.as_secs_f64());
+            true
+        }
+        Err(e) => {
+            // The delivery stays unacked and returns to its queue when the
+            // session's channels close; the next session redeclares the
+            // topology (a deleted `Q.dead`, say) and tries again.
+            session.fail(format!("cannot publish to {}: {e}", msg.routing_key()));
+            false
         }
     }
 }
@@ -159,29 +527,19 @@ async fn dead_letter(
     reason: DeadReason,
     detail: &str,
     body: Option<&[u8]>,
+    extra: &[(&'static str, HeaderValue)],
     report: JobReport,
 ) {
     let shared = &session.shared;
-    let copy = incoming.dead_letter(reason, detail, &shared.worker_id, body);
-    match session.publisher.publish(&copy).await {
-        Ok(took) => {
-            shared
-                .metrics
-                .publish_confirm_seconds
-                .observe(took.as_secs_f64());
-            shared
-                .metrics
-                .dead_letters_total
-                .with_label_values(&[incoming.queue(), reason.as_str()])
-                .inc();
-            if ack(session, incoming).await {
-                finish(session, report);
-            }
-        }
-        Err(e) => {
-            // Not acked: the broker redelivers it and the next attempt tries
-            // the dead-letter publish again. Nothing is lost.
-            tracing::error!(queue = %incoming.queue(), error = %e, "cannot publish the dead-letter copy; leaving the message unacked");
+    let copy = incoming.dead_letter(reason, detail, &shared.worker_id, body, extra);
+    if publish(session, &copy).await {
+        shared
+            .metrics
+            .dead_letters_total
+            .with_label_values(&[incoming.queue(), reason.as_str()])
+            .inc();
+        if ack(session, incoming).await {
+            finish(session, report);
         }
     }
 }
@@ -199,7 +557,7 @@ async fn ack(session: &Session, incoming: &Incoming) -> bool {
 
 fn finish(session: &Session, report: JobReport) {
     let shared = &session.shared;
-    let kind = if report.kind == UNKNOWN_KIND || shared.io.contains_key(&report.kind) {
+    let kind = if shared.handlers.contains_key(&report.kind) {
         report.kind.as_str()
     } else {
         UNKNOWN_KIND

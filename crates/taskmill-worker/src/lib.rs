@@ -34,6 +34,7 @@
 //! ```
 
 pub mod builder;
+mod cpu_metrics;
 pub mod handler;
 pub mod job;
 pub mod runtime;
@@ -42,4 +43,6 @@ pub mod signal;
 pub use builder::{JobReport, Worker, WorkerBuilder, WorkerError, WorkerHandle};
 pub use handler::JobContext;
 pub use taskmill_core::JobError;
+pub use taskmill_cpu::{HandlerError as CpuHandlerError, JobInput as CpuJobInput};
+pub use taskmill_store::CompletionTx;
 pub use tokio_util::sync::CancellationToken;

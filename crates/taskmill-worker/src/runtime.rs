@@ -21,13 +21,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::builder::JobObserver;
-use crate::handler::IoHandler;
+use crate::handler::Handler;
 use crate::job;
+use taskmill_cpu::CpuPool;
+use taskmill_store::{IdempotencyStore, Store};
 
 /// State shared by every task of a worker.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) io: HashMap<String, IoHandler>,
+    pub(crate) handlers: HashMap<String, Handler>,
+    /// The idempotency store, connected before the first session.
+    pub(crate) store: tokio::sync::OnceCell<Store>,
+    /// The CPU worker-process pool, when CPU kinds are registered.
+    pub(crate) cpu: std::sync::OnceLock<CpuPool>,
     pub(crate) metrics: Metrics,
     pub(crate) readiness: Readiness,
     pub(crate) observer: Option<JobObserver>,
@@ -38,6 +44,31 @@ pub(crate) struct Shared {
 pub(crate) struct Session {
     pub(crate) shared: Arc<Shared>,
     pub(crate) publisher: Publisher,
+    /// Cancelled to end the session (shutdown, or a fault below).
+    stop: CancellationToken,
+    /// Why a job task ended the session (the publisher failed), if it did.
+    fault: std::sync::Mutex<Option<String>>,
+}
+
+impl Session {
+    /// Ends the session because something the jobs depend on broke (the
+    /// publisher channel): deliveries not acked return to the queue when the
+    /// channels close, and the supervisor reconnects and redeclares.
+    pub(crate) fn fail(&self, why: String) {
+        let mut f = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            tracing::error!(reason = %why, "ending the broker session");
+            *f = Some(why);
+        }
+        self.stop.cancel();
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        self.shared
+            .store
+            .get()
+            .expect("the store is connected before any session starts")
+    }
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -45,9 +76,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
     shared.readiness.set("broker", false);
+    shared.readiness.set("store", false);
     for q in &shared.config.queues {
         shared.readiness.set(&format!("consumer:{q}"), false);
     }
+    if !connect_store(&shared, &shutdown).await {
+        return;
+    }
+    let purge = tokio::spawn(purge_expired_keys(shared.clone(), shutdown.clone()));
     let mut backoff = BACKOFF_START;
     let mut first = true;
     loop {
@@ -78,7 +114,75 @@ pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) 
         }
     }
     shared.readiness.set("broker", false);
+    purge.abort();
+    if let Some(pool) = shared.cpu.get() {
+        pool.shutdown(Duration::ZERO).await;
+    }
+    if let Some(store) = shared.store.get() {
+        store.close().await;
+    }
     tracing::info!("worker stopped");
+}
+
+/// Connects the store, retrying with backoff until it answers or shutdown.
+async fn connect_store(shared: &Arc<Shared>, shutdown: &CancellationToken) -> bool {
+    let url = shared.config.store_url();
+    if url.starts_with("sqlite://")
+        && let Err(e) = std::fs::create_dir_all(&shared.config.data_dir)
+    {
+        tracing::warn!(dir = %shared.config.data_dir.display(), error = %e, "cannot create the data dir");
+    }
+    let mut backoff = BACKOFF_START;
+    loop {
+        match Store::connect(&url).await {
+            Ok(store) => {
+                let _ = shared.store.set(store);
+                shared.readiness.set("store", true);
+                tracing::info!(store = %taskmill_core::redact::redact_url(&url), "store connected");
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot open the store");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Forgets finished idempotency keys older than the retention, hourly, and
+/// keeps the store's readiness check current.
+async fn purge_expired_keys(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let retention = Duration::from_secs(shared.config.store_retention_hours.saturating_mul(3600));
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    let mut last_purge: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(store) = shared.store.get() else {
+            continue;
+        };
+        let ok = store.ping().await.is_ok();
+        shared.readiness.set("store", ok);
+        if let Some(pool) = shared.cpu.get() {
+            shared
+                .readiness
+                .set("cpu_pool", pool.live() > 0 || pool.is_closed());
+        }
+        if ok && last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+            last_purge = Some(tokio::time::Instant::now());
+            match store.purge_older_than(retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(keys = n, "forgot idempotency keys past retention"),
+                Err(e) => tracing::warn!(error = %e, "idempotency key purge failed"),
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +201,8 @@ async fn run_session(
     let broker = Broker::connect(&shared.config.amqp_url, &name)
         .await
         .map_err(SessionError::Start)?;
+    // The delay ladder first: work queues bind to its delivery exchange.
+    broker.declare_delays().await.map_err(SessionError::Start)?;
     for q in &shared.config.queues {
         let s = shared.config.queue_settings(q);
         broker
@@ -112,16 +218,28 @@ async fn run_session(
     shared.readiness.set("broker", true);
     tracing::info!("connected to the broker");
 
+    // Stops the consume loops on shutdown or when the session fails.
+    let stop = shutdown.child_token();
     let session = Arc::new(Session {
         shared: shared.clone(),
         publisher,
+        stop: stop.clone(),
+        fault: std::sync::Mutex::new(None),
     });
-    // Stops the consume loops on shutdown or when one of them fails.
-    let stop = shutdown.child_token();
     let tracker = TaskTracker::new();
     let mut loops = JoinSet::new();
     for q in &shared.config.queues {
-        let settings = shared.config.queue_settings(q);
+        let mut settings = shared.config.queue_settings(q);
+        if let (Some(pool), true) = (shared.cpu.get(), *q == shared.config.cpu_queue) {
+            // CPU work is taken from the broker only as fast as the pool
+            // can run it: no pile of prefetched CPU jobs in memory.
+            let own = shared.config.queue.get(q).cloned().unwrap_or_default();
+            let size = pool.size();
+            settings.concurrency = own.concurrency.unwrap_or(size);
+            settings.prefetch = own
+                .prefetch
+                .unwrap_or(u16::try_from(settings.concurrency).unwrap_or(u16::MAX));
+        }
         loops.spawn(consume_loop(
             session.clone(),
             broker.clone(),
@@ -142,11 +260,22 @@ async fn run_session(
             }
             Err(join) => {
                 tracing::error!(error = %join, "consume loop panicked");
+                failure.get_or_insert(BrokerError::Closed(format!(
+                    "consume loop panicked: {join}"
+                )));
                 stop.cancel();
             }
         }
     }
     tracker.close();
+    let fault = session
+        .fault
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(why) = fault {
+        failure.get_or_insert(BrokerError::Closed(why));
+    }
     if let Some(e) = failure.filter(|_| !shutdown.is_cancelled()) {
         // The jobs still running finish on their own; their acks fail
         // harmlessly and the broker redelivers those messages.
@@ -162,6 +291,11 @@ async fn run_session(
             still_running = tracker.len(),
             "grace period over; unfinished jobs return to the broker unacked"
         );
+        if let Some(pool) = shared.cpu.get() {
+            // Kill the CPU children: their jobs end as interrupted and stay unacked.
+            pool.shutdown(Duration::ZERO).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+        }
     }
     for c in &consumers {
         c.close().await;
