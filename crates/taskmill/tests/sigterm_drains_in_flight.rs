@@ -34,6 +34,7 @@ async fn sigterm_finishes_in_flight_and_returns_the_rest() {
             "10000",
         ])
         .env("TASKMILL_AMQP_URL", common::amqp_url())
+        .env("TASKMILL_DATA_DIR", common::data_dir(&queue))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -100,7 +101,8 @@ async fn sigterm_finishes_in_flight_and_returns_the_rest() {
     // The next worker finishes them.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let d = done.clone();
-    let worker = taskmill::kinds::register(WorkerBuilder::new(common::config(&queue)))
+    let worker = taskmill::kinds::register(WorkerBuilder::new(common::config(&queue)), false)
+        .cpu_program(env!("CARGO_BIN_EXE_taskmill"))
         .on_job_done(move |r| {
             assert_eq!(r.outcome, taskmill_core::Outcome::Ok);
             d.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

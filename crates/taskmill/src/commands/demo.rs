@@ -39,7 +39,7 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<ExitCode>
     );
     bar.set_message("running");
     let progress = bar.clone();
-    let worker = crate::kinds::register(WorkerBuilder::new(config.clone()))
+    let worker = crate::kinds::register(WorkerBuilder::new(config.clone()), false)
         .on_job_done(move |r| {
             sink.lock()
                 .unwrap_or_else(|e| e.into_inner())

@@ -29,8 +29,14 @@ pub fn config(queue: &str) -> Config {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         worker_id: Some(format!("test-{queue}")),
         shutdown_grace_ms: 5_000,
+        data_dir: data_dir(queue),
         ..Config::default()
     }
+}
+
+/// A scratch data dir (for the embedded SQLite store) unique to `queue`.
+pub fn data_dir(queue: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("taskmill-test-{queue}"))
 }
 
 pub async fn broker() -> Broker {

@@ -1,0 +1,153 @@
+//! `taskmill bench` runs end to end through the real binary against the real
+//! broker and prints well-formed results: every job drained, every ratio
+//! positive, the queues it made deleted. Speed is not judged here (that is
+//! the benchmark's job), only that the figures exist and make sense.
+
+mod common;
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs `taskmill bench <args> --json` and returns its JSON objects.
+fn bench(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_taskmill"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .env("TASKMILL_AMQP_URL", common::amqp_url())
+        .env("TASKMILL_LOG_LEVEL", "warn")
+        .output()
+        .expect("running taskmill bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "taskmill bench {args:?} failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    // The human table goes to stderr with --json.
+    assert!(
+        stderr.contains("scenario") && stderr.contains("verdict"),
+        "no table on stderr:\n{stderr}"
+    );
+    stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{stdout}"))
+        })
+        .collect()
+}
+
+fn num(v: &Value, path: &[&str]) -> f64 {
+    let mut cur = v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_f64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number in {v:#}"))
+}
+
+fn common_fields(v: &Value, scenario: &str) {
+    assert_eq!(v["scenario"], scenario);
+    assert_eq!(v["queue_type"], "classic");
+    assert!(v["run_id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert!(num(v, &["process_memory", "peak_rss_bytes"]) > 0.0);
+    assert!(v["targets"].is_array());
+}
+
+#[test]
+fn noop_reports_every_phase_against_the_ceiling() {
+    let out = bench(&["noop", "--jobs", "2000", "--queue-type", "classic"]);
+    assert_eq!(out.len(), 1, "one object per scenario: {out:?}");
+    let v = &out[0];
+    common_fields(v, "noop");
+    assert_eq!(num(v, &["jobs"]), 2000.0);
+    assert_eq!(num(v, &["jobs_drained"]), 2000.0);
+    assert_eq!(num(v, &["jobs_not_ok"]), 0.0);
+    for phase in ["publish", "drain", "end_to_end"] {
+        for field in [
+            "taskmill_jobs_per_s",
+            "ceiling_jobs_per_s",
+            "pct_of_ceiling",
+        ] {
+            assert!(num(v, &[phase, field]) > 0.0, "{phase}.{field} in {v:#}");
+        }
+    }
+    // Publish and drain carry the issue's >= 80 % targets.
+    assert_eq!(v["targets"].as_array().unwrap().len(), 2);
+    let run_id = v["run_id"].as_str().expect("run_id");
+    let left = queues_of_run(run_id);
+    assert!(left.is_empty(), "queues left behind: {left:?}");
+}
+
+#[test]
+fn io_reports_drain_against_ideal_and_worker_memory() {
+    let out = bench(&[
+        "io",
+        "--jobs",
+        "500",
+        "--in-flight",
+        "200",
+        "--queue-type",
+        "classic",
+    ]);
+    assert_eq!(out.len(), 1);
+    let v = &out[0];
+    common_fields(v, "io");
+    assert_eq!(num(v, &["jobs_drained"]), 500.0);
+    assert_eq!(num(v, &["jobs_not_ok"]), 0.0);
+    // 500 jobs of 100 ms, 1000 at once: the ideal is 0.05 s, and no drain of
+    // 100 ms jobs can be shorter than one job.
+    assert!((num(v, &["ideal_s"]) - 0.05).abs() < 1e-9);
+    assert!(num(v, &["drain_s"]) >= 0.1);
+    assert!(num(v, &["bound_s"]) >= num(v, &["ideal_s"]));
+    assert!(num(v, &["drain_vs_bound"]) > 0.0);
+    assert!(num(v, &["noop_drain_jobs_per_s"]) > 0.0);
+    assert!(num(v, &["ceiling_consume_s"]) > 0.0);
+    let mem = &v["worker_memory"];
+    assert!(num(mem, &["idle", "rss_bytes"]) > 1e6);
+    assert!(num(mem, &["loaded", "rss_bytes"]) > 1e6);
+    assert_eq!(num(mem, &["in_flight"]), 200.0);
+}
+
+#[test]
+fn latency_at_a_fixed_rate_has_percentiles_for_both_sides() {
+    let out = bench(&[
+        "latency",
+        "--rate",
+        "200",
+        "--seconds",
+        "1",
+        "--queue-type",
+        "classic",
+    ]);
+    let v = &out[0];
+    common_fields(v, "latency");
+    let level = &v["levels"][0];
+    assert_eq!(num(level, &["jobs"]), 200.0);
+    assert_eq!(num(level, &["samples"]), 200.0);
+    assert_eq!(num(level, &["ceiling_samples"]), 200.0);
+    for side in ["taskmill_ms", "ceiling_ms"] {
+        let p50 = num(level, &[side, "p50"]);
+        let p99 = num(level, &[side, "p99"]);
+        assert!(p50 > 0.0 && p99 >= p50, "{side} in {level:#}");
+    }
+}
+
+/// Names of the queues whose name contains `run_id`, from `rabbitmqctl`
+/// when it is available (empty otherwise).
+fn queues_of_run(run_id: &str) -> Vec<String> {
+    let Ok(out) = Command::new("rabbitmqctl")
+        .args(["list_queues", "name", "--quiet", "--no-table-headers"])
+        .output()
+    else {
+        return Default::default();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("bench-") && l.contains(run_id))
+        .map(str::to_string)
+        .collect()
+}
