@@ -243,6 +243,9 @@ impl Worker {
     /// cancelled and the drain is over.
     pub async fn start(self, shutdown: CancellationToken) -> Result<WorkerHandle, WorkerError> {
         let shared = self.shared;
+        // Every check starts failing, so /readyz cannot say ready before the
+        // broker, the store and each consumer are up.
+        runtime::register_checks(&shared);
         if self.has_cpu {
             let c = &shared.config;
             let mut cfg = PoolConfig::for_current_exe(c.cpu_processes);

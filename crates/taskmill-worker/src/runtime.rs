@@ -74,12 +74,16 @@ impl Session {
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
+/// Registers every readiness check, failing.
+pub(crate) fn register_checks(shared: &Shared) {
     shared.readiness.set("broker", false);
     shared.readiness.set("store", false);
     for q in &shared.config.queues {
         shared.readiness.set(&format!("consumer:{q}"), false);
     }
+}
+
+pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
     if !connect_store(&shared, &shutdown).await {
         return;
     }
