@@ -3,6 +3,9 @@
 //! Labels are bounded: queue, kind (kinds not registered are folded into
 //! [`UNKNOWN_KIND`]), outcome, reason, class. Never a job id or key.
 //! `docs/operations.md` explains each one.
+//!
+//! `taskmill_trace_spans_dropped_total{reason}` is process-wide (tracing is
+//! installed once per process); every registry created here includes it.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -129,6 +132,7 @@ impl Metrics {
             Box::new(broker_reconnects_total.clone()),
             Box::new(ack_failures_total.clone()),
             Box::new(build_info),
+            Box::new(crate::traces::spans_dropped_total().clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -199,6 +203,10 @@ mod tests {
         );
         assert!(
             text.contains("taskmill_build_info{version=\"1.2.3\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("taskmill_trace_spans_dropped_total{reason=\"queue_full\"}"),
             "{text}"
         );
     }
