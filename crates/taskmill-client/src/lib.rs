@@ -5,6 +5,14 @@
 //! queue) or refused publish is an error, never a silent drop.
 //! [`Client::enqueue_many`] pipelines confirms for throughput.
 //!
+//! Delayed jobs ([`NewJob::delay`], [`NewJob::at`]) wait on the broker in the
+//! delay ladder (precision 100 ms, rounded up), never in a held delivery.
+//!
+//! When the connection drops, the next call reconnects; a single
+//! [`Client::enqueue`] whose publish failed on a dead channel is retried once
+//! on the new connection (the job id stays the same, so a copy that did reach
+//! the broker before the failure is the same job: at-least-once).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), taskmill_client::EnqueueError> {
 //! use taskmill_client::{Client, NewJob};
@@ -17,7 +25,8 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use taskmill_broker::{Broker, BrokerError, Outgoing, PublishError, Publisher};
@@ -42,6 +51,13 @@ pub enum EnqueueError {
     /// The job is invalid (bad kind or key, payload not JSON or too large).
     #[error("invalid job: {0}")]
     Invalid(#[from] DecodeError),
+    /// A delayed job's queue does not exist: its delayed copy would have
+    /// nowhere to go when it becomes due.
+    #[error("queue `{0}` does not exist (start a worker for it first): a delayed job needs its queue")]
+    NoSuchQueue(String),
+    /// The delay is longer than the delay ladder can express.
+    #[error("{0}")]
+    Delay(String),
     /// The payload could not be serialized to JSON.
     #[error("payload is not serializable to JSON: {0}")]
     Payload(#[from] serde_json::Error),
@@ -61,6 +77,7 @@ pub enum EnqueueError {
 #[derive(Debug, Clone)]
 pub struct NewJob {
     env: Envelope,
+    delay: Duration,
 }
 
 impl NewJob {
@@ -73,6 +90,7 @@ impl NewJob {
     pub fn raw(kind: &str, payload_json: Vec<u8>) -> NewJob {
         NewJob {
             env: Envelope::new(kind, DEFAULT_QUEUE, payload_json),
+            delay: Duration::ZERO,
         }
     }
 
@@ -101,6 +119,18 @@ impl NewJob {
         self
     }
 
+    /// Makes the job ready only after `delay` (rounded up to 100 ms).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Makes the job ready at `at` (now, if `at` is past).
+    pub fn at(self, at: SystemTime) -> Self {
+        let delay = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+        self.delay(delay)
+    }
+
     /// Uses a given job id instead of a fresh UUID.
     pub fn job_id(mut self, id: &str) -> Self {
         self.env.job_id = id.to_string();
@@ -113,22 +143,43 @@ impl NewJob {
     }
 }
 
-/// A producer connection with a confirm-mode channel.
+/// One connection and its confirm-mode channel.
 #[derive(Debug)]
-pub struct Client {
+struct Conn {
     broker: Broker,
     publisher: Publisher,
+}
+
+impl Conn {
+    async fn open(url: &str) -> Result<Conn, EnqueueError> {
+        let broker = Broker::connect(url, "taskmill producer").await?;
+        let publisher = broker.publisher().await?;
+        Ok(Conn { broker, publisher })
+    }
+
+    fn is_open(&self) -> bool {
+        self.broker.is_connected() && self.publisher.is_open()
+    }
+}
+
+/// A producer: a connection with a confirm-mode channel, reopened when it
+/// drops. Share it between tasks (`&Client` is enough).
+#[derive(Debug)]
+pub struct Client {
+    url: String,
+    conn: tokio::sync::RwLock<Arc<Conn>>,
+    delays_declared: tokio::sync::OnceCell<()>,
     max_payload_bytes: usize,
 }
 
 impl Client {
     /// Connects to the broker at `url`.
     pub async fn connect(url: &str) -> Result<Client, EnqueueError> {
-        let broker = Broker::connect(url, "taskmill producer").await?;
-        let publisher = broker.publisher().await?;
+        let conn = Conn::open(url).await?;
         Ok(Client {
-            broker,
-            publisher,
+            url: url.to_string(),
+            conn: tokio::sync::RwLock::new(Arc::new(conn)),
+            delays_declared: tokio::sync::OnceCell::new(),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
         })
     }
@@ -139,30 +190,77 @@ impl Client {
         self
     }
 
-    /// The underlying connection (for tooling: queue depth, purge).
-    pub fn broker(&self) -> &Broker {
-        &self.broker
+    /// The current connection, reopened if it dropped (for tooling: queue
+    /// depth, purge).
+    pub async fn broker(&self) -> Result<Broker, EnqueueError> {
+        Ok(self.conn().await?.broker.clone())
     }
 
-    fn prepare(&self, job: &NewJob) -> Result<Outgoing, EnqueueError> {
-        job.env.validate(self.max_payload_bytes)?;
-        Ok(Outgoing::job(&job.env))
+    /// The open connection, reconnecting when the current one dropped.
+    async fn conn(&self) -> Result<Arc<Conn>, EnqueueError> {
+        {
+            let c = self.conn.read().await;
+            if c.is_open() {
+                return Ok(c.clone());
+            }
+        }
+        let mut c = self.conn.write().await;
+        if !c.is_open() {
+            tracing::warn!("producer connection lost; reconnecting");
+            *c = Arc::new(Conn::open(&self.url).await?);
+        }
+        Ok(c.clone())
+    }
+
+    async fn prepare(&self, job: &NewJob, conn: &Conn) -> Result<Outgoing, EnqueueError> {
+        let mut env = job.env.clone();
+        env.validate(self.max_payload_bytes)?;
+        if job.delay.is_zero() {
+            return Ok(Outgoing::job(&env));
+        }
+        self.delays_declared
+            .get_or_try_init(|| async { conn.broker.declare_delays().await })
+            .await?;
+        // Published to the ladder, the copy is "routed" even if its queue
+        // does not exist, and would be dropped when due: check now.
+        conn.broker
+            .queue_depth(&env.queue)
+            .await
+            .map_err(|_| EnqueueError::NoSuchQueue(env.queue.clone()))?;
+        env.enqueued_at_us = Some(
+            taskmill_core::wire::now_us() + u64::try_from(job.delay.as_micros()).unwrap_or(u64::MAX),
+        );
+        Outgoing::job_delayed(&env, job.delay).map_err(EnqueueError::Delay)
     }
 
     /// Publishes one job and returns its id once the broker confirmed it.
     pub async fn enqueue(&self, job: NewJob) -> Result<String, EnqueueError> {
-        let msg = self.prepare(&job)?;
-        self.publisher.publish(&msg).await?;
+        let conn = self.conn().await?;
+        let msg = self.prepare(&job, &conn).await?;
+        match conn.publisher.publish(&msg).await {
+            Ok(_) => {}
+            Err(PublishError::Broker(e)) => {
+                // The channel died before the confirm: the broker may or may
+                // not have the message. Publish again on a new connection;
+                // the job id is the same.
+                tracing::warn!(error = %e, job_id = %job.env.job_id, "publish failed; retrying once on a new connection");
+                let conn = self.conn().await?;
+                conn.publisher.publish(&msg).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(job.env.job_id)
     }
 
     /// Publishes many jobs with pipelined confirms; returns their ids in order
     /// once every one was confirmed. On failure, the error says which job
-    /// failed and how many before it were confirmed.
+    /// failed and how many before it were confirmed; nothing after it is
+    /// reported as confirmed.
     pub async fn enqueue_many(
         &self,
         jobs: impl IntoIterator<Item = NewJob>,
     ) -> Result<Vec<String>, EnqueueError> {
+        let conn = self.conn().await?;
         let mut ids = Vec::new();
         let mut pending = VecDeque::with_capacity(PIPELINE_WINDOW);
         let mut confirmed = 0usize;
@@ -172,7 +270,10 @@ impl Client {
             source: Box::new(e),
         };
         for (index, job) in jobs.into_iter().enumerate() {
-            let msg = self.prepare(&job).map_err(|e| fail(index, confirmed, e))?;
+            let msg = self
+                .prepare(&job, &conn)
+                .await
+                .map_err(|e| fail(index, confirmed, e))?;
             if pending.len() == PIPELINE_WINDOW {
                 let p: taskmill_broker::PendingConfirm =
                     pending.pop_front().expect("window is full");
@@ -181,7 +282,7 @@ impl Client {
                     .map_err(|e| fail(confirmed, confirmed, e.into()))?;
                 confirmed += 1;
             }
-            let p = self
+            let p = conn
                 .publisher
                 .send(&msg)
                 .await
@@ -200,6 +301,6 @@ impl Client {
 
     /// Closes the connection.
     pub async fn close(self) {
-        self.broker.close().await;
+        self.conn.read().await.broker.close().await;
     }
 }

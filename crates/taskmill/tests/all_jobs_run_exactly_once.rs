@@ -77,7 +77,7 @@ async fn ten_thousand_jobs_run_exactly_once() {
 
     shutdown.cancel();
     handle.wait().await.unwrap();
-    let b = client.broker();
+    let b = &client.broker().await.unwrap();
     assert_eq!(
         b.queue_depth(&queue).await.unwrap(),
         0,

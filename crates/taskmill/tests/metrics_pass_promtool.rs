@@ -127,6 +127,6 @@ async fn scraped_metrics_pass_promtool() {
 
     shutdown.cancel();
     handle.wait().await.unwrap();
-    common::cleanup(client.broker(), &queue).await;
+    common::cleanup(&client.broker().await.unwrap(), &queue).await;
     let _ = std::fs::remove_dir_all(common::data_dir(&queue));
 }

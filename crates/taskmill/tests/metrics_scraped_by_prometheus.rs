@@ -204,6 +204,6 @@ async fn prometheus_scrapes_the_job_count() {
     drop(prom);
     shutdown.cancel();
     handle.wait().await.unwrap();
-    common::cleanup(client.broker(), &queue).await;
+    common::cleanup(&client.broker().await.unwrap(), &queue).await;
     let _ = std::fs::remove_dir_all(common::data_dir(&queue));
 }

@@ -86,7 +86,7 @@ async fn sigterm_finishes_in_flight_and_returns_the_rest() {
 
     // The in-flight job was acked; the two not started are back.
     // The broker re-queues a closed channel's unacked messages asynchronously.
-    let b = client.broker();
+    let b = &client.broker().await.unwrap();
     let mut depth = 0;
     for _ in 0..100 {
         depth = b.queue_depth(&queue).await.unwrap();

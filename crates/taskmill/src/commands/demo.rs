@@ -86,9 +86,9 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<ExitCode>
     bar.finish_and_clear();
     shutdown.cancel();
     handle.wait().await?;
-    let _ = client.broker().delete_queue(&args.queue).await;
-    let _ = client
-        .broker()
+    let broker = client.broker().await?;
+    let _ = broker.delete_queue(&args.queue).await;
+    let _ = broker
         .delete_queue(&taskmill_core::wire::dead_queue_name(&args.queue))
         .await;
     client.close().await;
