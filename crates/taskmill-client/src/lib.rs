@@ -32,6 +32,8 @@ use serde::Serialize;
 use taskmill_broker::{Broker, BrokerError, Outgoing, PublishError, Publisher};
 use taskmill_core::wire::DEFAULT_QUEUE;
 use taskmill_core::{DecodeError, Envelope};
+use taskmill_telemetry::traces::{self, spans};
+use tracing::Instrument;
 
 /// Default payload limit, the worker's default `max_payload_bytes`.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -53,7 +55,9 @@ pub enum EnqueueError {
     Invalid(#[from] DecodeError),
     /// A delayed job's queue does not exist: its delayed copy would have
     /// nowhere to go when it becomes due.
-    #[error("queue `{0}` does not exist (start a worker for it first): a delayed job needs its queue")]
+    #[error(
+        "queue `{0}` does not exist (start a worker for it first): a delayed job needs its queue"
+    )]
     NoSuchQueue(String),
     /// The delay is longer than the delay ladder can express.
     #[error("{0}")]
@@ -127,7 +131,9 @@ impl NewJob {
 
     /// Makes the job ready at `at` (now, if `at` is past).
     pub fn at(self, at: SystemTime) -> Self {
-        let delay = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+        let delay = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
         self.delay(delay)
     }
 
@@ -212,6 +218,19 @@ impl Client {
         Ok(c.clone())
     }
 
+    /// The producer span of `job`; its context goes into the job's headers
+    /// (continuing a context the caller set with [`NewJob::traceparent`]).
+    fn span(job: &mut NewJob) -> tracing::Span {
+        let env = &mut job.env;
+        let span = spans::enqueue_span(&env.queue, &env.kind, &env.job_id);
+        traces::set_parent(&span, env.traceparent.as_deref(), env.tracestate.as_deref());
+        if let Some((tp, ts)) = traces::traceparent_of(&span) {
+            env.traceparent = Some(tp);
+            env.tracestate = ts;
+        }
+        span
+    }
+
     async fn prepare(&self, job: &NewJob, conn: &Conn) -> Result<Outgoing, EnqueueError> {
         let mut env = job.env.clone();
         env.validate(self.max_payload_bytes)?;
@@ -228,17 +247,27 @@ impl Client {
             .await
             .map_err(|_| EnqueueError::NoSuchQueue(env.queue.clone()))?;
         env.enqueued_at_us = Some(
-            taskmill_core::wire::now_us() + u64::try_from(job.delay.as_micros()).unwrap_or(u64::MAX),
+            taskmill_core::wire::now_us()
+                + u64::try_from(job.delay.as_micros()).unwrap_or(u64::MAX),
         );
         Outgoing::job_delayed(&env, job.delay).map_err(EnqueueError::Delay)
     }
 
     /// Publishes one job and returns its id once the broker confirmed it.
-    pub async fn enqueue(&self, job: NewJob) -> Result<String, EnqueueError> {
+    pub async fn enqueue(&self, mut job: NewJob) -> Result<String, EnqueueError> {
+        let span = Self::span(&mut job);
+        let result = self.enqueue_in_span(&job).instrument(span.clone()).await;
+        if let Err(e) = &result {
+            spans::record_outcome(&span, "error", Some(&e.to_string()));
+        }
+        result.map(|()| job.env.job_id)
+    }
+
+    async fn enqueue_in_span(&self, job: &NewJob) -> Result<(), EnqueueError> {
         let conn = self.conn().await?;
-        let msg = self.prepare(&job, &conn).await?;
+        let msg = self.prepare(job, &conn).await?;
         match conn.publisher.publish(&msg).await {
-            Ok(_) => {}
+            Ok(_) => Ok(()),
             Err(PublishError::Broker(e)) => {
                 // The channel died before the confirm: the broker may or may
                 // not have the message. Publish again on a new connection;
@@ -246,10 +275,10 @@ impl Client {
                 tracing::warn!(error = %e, job_id = %job.env.job_id, "publish failed; retrying once on a new connection");
                 let conn = self.conn().await?;
                 conn.publisher.publish(&msg).await?;
+                Ok(())
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => Err(e.into()),
         }
-        Ok(job.env.job_id)
     }
 
     /// Publishes many jobs with pipelined confirms; returns their ids in order
@@ -269,9 +298,13 @@ impl Client {
             confirmed,
             source: Box::new(e),
         };
-        for (index, job) in jobs.into_iter().enumerate() {
+        for (index, mut job) in jobs.into_iter().enumerate() {
+            // One producer span per job, covering its publish (the confirms
+            // are pipelined, so the span does not wait for its own).
+            let span = Self::span(&mut job);
             let msg = self
                 .prepare(&job, &conn)
+                .instrument(span.clone())
                 .await
                 .map_err(|e| fail(index, confirmed, e))?;
             if pending.len() == PIPELINE_WINDOW {
@@ -285,6 +318,7 @@ impl Client {
             let p = conn
                 .publisher
                 .send(&msg)
+                .instrument(span)
                 .await
                 .map_err(|e| fail(index, confirmed, e.into()))?;
             pending.push_back(p);

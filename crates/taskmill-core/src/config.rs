@@ -389,6 +389,8 @@ pub const OTHER_ENV: &[&str] = &[
     // Set by the worker for its CPU child processes.
     "TASKMILL_CPU_CHILD",
     "TASKMILL_CPU_MAX_FRAME_BYTES",
+    // Read by the telemetry crate: which spans are exported.
+    "TASKMILL_TRACE_FILTER",
     // Read by the diagnostic kind `test.effect`.
     "TASKMILL_EFFECTS_FILE",
 ];

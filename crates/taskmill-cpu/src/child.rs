@@ -45,6 +45,12 @@ pub fn is_child_mode() -> bool {
 /// up in the logs instead of corrupting the protocol; stdin is replaced by
 /// `/dev/null` for the same reason.
 pub fn run_child(registry: &CpuRegistry) -> ! {
+    run_child_with(registry, || {})
+}
+
+/// [`run_child`], calling `on_exit` just before the process exits (no
+/// destructor runs after `process::exit`): flush logs or span exporters there.
+pub fn run_child_with(registry: &CpuRegistry, on_exit: impl FnOnce()) -> ! {
     let code = match child_main(registry) {
         Ok(code) => code,
         Err(err) => {
@@ -55,6 +61,7 @@ pub fn run_child(registry: &CpuRegistry) -> ! {
             EXIT_PROTOCOL_ERROR
         }
     };
+    on_exit();
     std::process::exit(code)
 }
 

@@ -66,7 +66,7 @@ pub mod frame;
 pub mod pool;
 pub mod registry;
 
-pub use child::{NOOP_KIND, is_child_mode, run_child};
+pub use child::{NOOP_KIND, is_child_mode, run_child, run_child_with};
 pub use exit::describe_exit_status;
 pub use pool::{
     CpuError, CpuPool, CpuRequest, PoolConfig, PoolError, RestartCause, RestartHook,

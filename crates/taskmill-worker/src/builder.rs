@@ -19,6 +19,7 @@ use crate::handler::{Handler, JobContext, erase, erase_tx};
 use crate::runtime;
 use taskmill_cpu::{CpuPool, CpuRegistry, HandlerError, JobInput, PoolConfig, RestartCause};
 use taskmill_store::CompletionTx;
+use taskmill_telemetry::traces::spans;
 
 /// A worker that cannot start or run.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +140,24 @@ impl WorkerBuilder {
         if self.cpu.contains(kind) {
             self.duplicate.get_or_insert_with(|| kind.to_string());
         } else {
-            self.cpu.register_json(kind, f);
+            // In the child, each job runs inside a `taskmill.cpu.run` span
+            // parented on the worker's span (the traceparent crossed the pipe).
+            self.cpu
+                .register_json(kind, move |input: &JobInput<'_>, p: P| {
+                    let span = spans::cpu_run_span(
+                        &input.kind,
+                        &input.job_id,
+                        input.attempt,
+                        input.traceparent.as_deref(),
+                    );
+                    let _entered = span.enter();
+                    let r = f(input, p);
+                    match &r {
+                        Ok(_) => spans::record_outcome(&span, "ok", None),
+                        Err(e) => spans::record_outcome(&span, "error", Some(e.message())),
+                    }
+                    r
+                });
         }
         self.add(kind, Handler::Cpu);
         self
@@ -157,7 +175,14 @@ impl WorkerBuilder {
     /// first thing in `main`, before logging or a runtime is set up.
     pub fn run_child_if_requested(self) -> Self {
         if taskmill_cpu::is_child_mode() {
-            taskmill_cpu::run_child(&self.cpu);
+            // Logs go to stderr (the parent's); spans are exported like the
+            // parent's, from the inherited OTEL_* variables, and flushed at exit.
+            let json = std::env::var("TASKMILL_LOG_FORMAT").is_ok_and(|f| f == "json");
+            let level = std::env::var("TASKMILL_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+            if let Err(e) = taskmill_telemetry::logging::init(json, &level) {
+                eprintln!("taskmill CPU process: logging: {e}");
+            }
+            taskmill_cpu::run_child_with(&self.cpu, taskmill_telemetry::logging::shutdown);
         }
         self
     }

@@ -20,6 +20,10 @@ use taskmill_cpu::{CpuError, CpuRequest, HandlerError};
 use taskmill_store::{Claim, ClaimToken, IdempotencyStore};
 use taskmill_telemetry::metrics::{InFlightGuard, UNKNOWN_KIND};
 
+use taskmill_telemetry::traces::spans::{self, Step};
+use taskmill_telemetry::traces::traceparent_of;
+use tracing::{Instrument, Span};
+
 use crate::builder::JobReport;
 use crate::handler::{Handler, JobContext};
 use crate::runtime::Session;
@@ -32,16 +36,19 @@ const STORE_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Longest wait before re-checking a key held by another worker.
 const MAX_DEFER: Duration = Duration::from_secs(300);
 
-/// The identity of a job for reports.
+/// The identity of a job for reports, and its `taskmill.job` span.
 struct Info {
     queue: String,
     kind: String,
     job_id: Option<String>,
     queue_wait: Option<Duration>,
+    span: Span,
 }
 
 impl Info {
+    /// The report of the job's outcome; also records it on the job span.
     fn report(&self, outcome: Outcome, run_time: Duration, error: Option<String>) -> JobReport {
+        spans::record_outcome(&self.span, outcome.as_str(), error.as_deref());
         JobReport {
             queue: self.queue.clone(),
             kind: self.kind.clone(),
@@ -72,21 +79,49 @@ struct Done {
 pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
     let shared = &session.shared;
     let queue = incoming.queue().to_string();
-    let mut env = match incoming.decode(shared.config.max_payload_bytes) {
+    let env = match incoming.decode(shared.config.max_payload_bytes) {
         Ok(env) => env,
         Err(e) => {
             tracing::warn!(queue = %queue, message_id = ?incoming.message_id(), reason = e.reason.as_str(), error = %e.detail, "refusing message");
+            let span = spans::job_span(
+                &queue,
+                UNKNOWN_KIND,
+                incoming.message_id().unwrap_or(""),
+                1,
+                None,
+                None,
+            );
             let info = Info {
                 queue,
                 kind: UNKNOWN_KIND.to_string(),
                 job_id: incoming.message_id().map(str::to_string),
                 queue_wait: None,
+                span: span.clone(),
             };
             let report = info.report(Outcome::Dead, Duration::ZERO, Some(e.to_string()));
-            dead_letter(session, &incoming, e.reason, &e.detail, None, &[], report).await;
+            dead_letter(session, &incoming, e.reason, &e.detail, None, &[], report)
+                .instrument(span)
+                .await;
             return;
         }
     };
+    let span = spans::job_span(
+        &queue,
+        &env.kind,
+        &env.job_id,
+        env.attempt,
+        env.traceparent.as_deref(),
+        env.tracestate.as_deref(),
+    );
+    process(session, incoming, env, span.clone())
+        .instrument(span)
+        .await;
+}
+
+/// Everything after a successful decode, inside the job span.
+async fn process(session: &Session, incoming: Incoming, mut env: Envelope, span: Span) {
+    let shared = &session.shared;
+    let queue = incoming.queue().to_string();
     let payload: Bytes = std::mem::take(&mut env.payload).into();
     let queue_wait = env
         .enqueued_at_us
@@ -96,6 +131,7 @@ pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
         kind: env.kind.clone(),
         job_id: Some(env.job_id.clone()),
         queue_wait,
+        span,
     };
     let Some(handler) = shared.handlers.get(&env.kind).cloned() else {
         let detail = format!("no handler is registered for kind `{}`", env.kind);
@@ -159,7 +195,23 @@ pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
                 .jobs_in_flight
                 .with_label_values(&[&queue, handler.class()]),
         );
-        run(session, &handler, &env, &payload, timeout, token.as_ref()).await
+        let run_span = spans::step_span(Step::Run);
+        // Handlers and CPU processes continue the trace from the run span;
+        // without trace export, from the producer's context.
+        let traceparent = traceparent_of(&run_span)
+            .map(|(tp, _)| tp)
+            .or_else(|| env.traceparent.clone());
+        run(
+            session,
+            &handler,
+            &env,
+            &payload,
+            timeout,
+            token.as_ref(),
+            traceparent,
+        )
+        .instrument(run_span)
+        .await
     };
     let run_time = start.elapsed();
     shared
@@ -340,6 +392,7 @@ async fn run(
     payload: &Bytes,
     timeout: Duration,
     token: Option<&ClaimToken>,
+    traceparent: Option<String>,
 ) -> Result<Done, Failure> {
     let ctx = || JobContext {
         job_id: env.job_id.clone(),
@@ -347,7 +400,7 @@ async fn run(
         queue: env.queue.clone(),
         attempt: env.attempt,
         idempotency_key: env.idempotency_key.clone(),
-        traceparent: env.traceparent.clone(),
+        traceparent: traceparent.clone(),
         deadline: Instant::now() + timeout,
     };
     match handler {
@@ -386,7 +439,7 @@ async fn run(
                 job_id: env.job_id.clone(),
                 kind: env.kind.clone(),
                 attempt: env.attempt,
-                traceparent: env.traceparent.clone(),
+                traceparent: traceparent.clone(),
                 payload: payload.clone(),
                 timeout,
             };
@@ -482,7 +535,10 @@ async fn republish(
                 .expect("the maximum delay is in range")
         }
     };
-    if publish(session, &msg).await && ack(session, incoming).await {
+    let published = publish(session, &msg)
+        .instrument(spans::step_span(Step::Retry))
+        .await;
+    if published && ack(session, incoming).await {
         finish(session, report);
     }
 }
@@ -532,7 +588,10 @@ async fn dead_letter(
 ) {
     let shared = &session.shared;
     let copy = incoming.dead_letter(reason, detail, &shared.worker_id, body, extra);
-    if publish(session, &copy).await {
+    let published = publish(session, &copy)
+        .instrument(spans::step_span(Step::DeadLetter))
+        .await;
+    if published {
         shared
             .metrics
             .dead_letters_total

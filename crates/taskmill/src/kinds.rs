@@ -15,6 +15,7 @@
 //! | --- | --- | --- |
 //! | `test.fail` | `{"times": N, "permanent": false}` | fails attempts 1..=N (retryable unless `permanent`) |
 //! | `test.effect` | `{"name": "...", "transactional": false}` | appends `name` + newline to `$TASKMILL_EFFECTS_FILE` (O_APPEND), or with `transactional` inserts `name` into `test_effects(name text)` inside the completion transaction |
+//! | `test.cpu_fail` | `{"times": N, "permanent": false}` | like `test.fail`, in a CPU worker process |
 //! | `test.crash` | `{}` | the CPU worker process aborts |
 //! | `test.panic` | `{}` | the CPU handler panics |
 //! | `test.spin` | `{"ms": N}` | busy CPU loop of N ms in a CPU worker process |
@@ -149,6 +150,20 @@ fn register_diagnostic(builder: WorkerBuilder) -> WorkerBuilder {
                 std::process::abort()
             },
         )
+        .cpu("test.cpu_fail", |input: &CpuJobInput<'_>, p: Fail| {
+            if input.attempt <= p.times {
+                let msg = format!(
+                    "test.cpu_fail: failing attempt {} of {}",
+                    input.attempt, p.times
+                );
+                return Err(if p.permanent {
+                    CpuHandlerError::permanent(msg)
+                } else {
+                    CpuHandlerError::retryable(msg)
+                });
+            }
+            Ok(serde_json::json!({ "succeeded_on_attempt": input.attempt }))
+        })
         .cpu(
             "test.panic",
             |_input: &CpuJobInput<'_>, _p: serde::de::IgnoredAny| -> Result<(), CpuHandlerError> {
