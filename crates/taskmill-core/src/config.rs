@@ -137,6 +137,9 @@ pub struct Config {
     /// The queue consumed for CPU jobs when CPU kinds are registered; its
     /// prefetch and concurrency follow the CPU pool size.
     pub cpu_queue: String,
+    /// Readiness turns false when a queue has ready messages, none of its
+    /// jobs runs and nothing was delivered for this long (0: off).
+    pub consume_watchdog_ms: u64,
     /// Largest accepted payload; larger jobs are refused at enqueue and
     /// dead-lettered at consume.
     pub max_payload_bytes: usize,
@@ -198,6 +201,7 @@ impl Default for Config {
             jitter: Jitter::Full,
             store_retention_hours: 24 * 7,
             cpu_queue: "cpu".to_string(),
+            consume_watchdog_ms: 60_000,
             max_payload_bytes: 1024 * 1024,
             delivery_limit: 20,
             data_dir: PathBuf::from("data"),
@@ -326,6 +330,10 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
     }),
     ("TASKMILL_CPU_QUEUE", |c, v| {
         c.cpu_queue = v.to_string();
+        Ok(())
+    }),
+    ("TASKMILL_CONSUME_WATCHDOG_MS", |c, v| {
+        c.consume_watchdog_ms = parse(v)?;
         Ok(())
     }),
     ("TASKMILL_MAX_PAYLOAD_BYTES", |c, v| {

@@ -39,6 +39,7 @@ pub mod handler;
 pub mod job;
 pub mod runtime;
 pub mod signal;
+mod watchdog;
 
 pub use builder::{JobReport, Worker, WorkerBuilder, WorkerError, WorkerHandle};
 pub use handler::JobContext;

@@ -326,6 +326,21 @@ async fn consume_loop(
     shared.readiness.set(&check, true);
     tracing::info!(queue = %settings.name, prefetch = settings.prefetch, concurrency = settings.concurrency, "consuming");
     let permits = Arc::new(Semaphore::new(settings.concurrency));
+    let last = crate::watchdog::LastDelivery::new();
+    if shared.config.consume_watchdog_ms > 0 {
+        tokio::spawn(crate::watchdog::watch(
+            broker.clone(),
+            crate::watchdog::Watched {
+                queue: settings.name.clone(),
+                concurrency: settings.concurrency,
+                permits: permits.clone(),
+                last: last.clone(),
+            },
+            Duration::from_millis(shared.config.consume_watchdog_ms),
+            shared.readiness.clone(),
+            stop.clone(),
+        ));
+    }
     loop {
         let next = tokio::select! {
             biased;
@@ -333,7 +348,10 @@ async fn consume_loop(
             n = consumer.next() => n,
         };
         let incoming = match next {
-            Some(Ok(i)) => i,
+            Some(Ok(i)) => {
+                last.touch();
+                i
+            }
             Some(Err(e)) => {
                 shared.readiness.set(&check, false);
                 return Err(e);
