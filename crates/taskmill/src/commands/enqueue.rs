@@ -15,7 +15,8 @@ use taskmill_core::config::Config;
 pub struct EnqueueArgs {
     /// Job kind (the handler's registered name).
     pub kind: String,
-    /// JSON payload; `{n}` is replaced by the 0-based index with --count.
+    /// JSON payload. With --count, the placeholder `{ n }` written without
+    /// spaces is replaced by the 0-based index.
     #[arg(long, conflicts_with = "payload_file")]
     pub payload: Option<String>,
     /// Read the JSON payload from a file.
@@ -24,12 +25,19 @@ pub struct EnqueueArgs {
     /// Target queue.
     #[arg(long, default_value = taskmill_core::wire::DEFAULT_QUEUE)]
     pub queue: String,
-    /// Idempotency key; `{n}` is replaced by the index with --count.
+    /// Idempotency key; with --count, the same placeholder is replaced by the index.
     #[arg(long)]
     pub idempotency_key: Option<String>,
     /// Publish N jobs (pipelined confirms, progress bar, final rate).
     #[arg(long, default_value_t = 1)]
     pub count: u64,
+    /// Make the jobs ready only after this delay (e.g. `30s`, `5m`; precision
+    /// 100 ms). The queue must exist (a worker serving it declares it).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "at")]
+    pub delay: Option<Duration>,
+    /// Make the jobs ready at this time (RFC 3339, e.g. `2026-11-26T18:00:00Z`).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    pub at: Option<std::time::SystemTime>,
     /// Per-job hard timeout (e.g. `30s`); can only lower the kind's timeout.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub timeout: Option<Duration>,
@@ -68,11 +76,19 @@ pub async fn run(config: Config, args: EnqueueArgs) -> anyhow::Result<ExitCode> 
         if let Some(t) = args.timeout {
             job = job.timeout(t);
         }
+        if let Some(d) = args.delay {
+            job = job.delay(d);
+        }
+        if let Some(at) = args.at {
+            job = job.at(at);
+        }
         job
     };
     if args.count <= 1 {
         let id = client.enqueue(make(0)).await?;
-        println!("{id}");
+        if !args.quiet {
+            println!("{id}");
+        }
         client.close().await;
         return Ok(ExitCode::SUCCESS);
     }
