@@ -227,7 +227,16 @@ async fn io_latency_holds_while_the_pool_is_saturated() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Only the pool's worth of CPU jobs was taken from the broker.
-    assert_eq!(client.broker().await.unwrap().queue_depth(&cpu_queue).await.unwrap(), 2);
+    assert_eq!(
+        client
+            .broker()
+            .await
+            .unwrap()
+            .queue_depth(&cpu_queue)
+            .await
+            .unwrap(),
+        2
+    );
 
     const SLEEP_MS: u64 = 100;
     let jobs: Vec<NewJob> = (0..100)
