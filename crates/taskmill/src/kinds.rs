@@ -134,6 +134,16 @@ fn register_diagnostic(builder: WorkerBuilder) -> WorkerBuilder {
                     let store_err = |e: taskmill_store::StoreError| {
                         JobError::retryable(format!("test.effect: {e}"))
                     };
+                    if tx.backend() == Backend::Postgres {
+                        // Concurrent first CREATE TABLE IF NOT EXISTS race on
+                        // PostgreSQL's catalog; serialise them.
+                        tx.execute(
+                            "SELECT pg_advisory_xact_lock(hashtext('test_effects'))",
+                            &[],
+                        )
+                        .await
+                        .map_err(store_err)?;
+                    }
                     tx.execute("CREATE TABLE IF NOT EXISTS test_effects (name text)", &[])
                         .await
                         .map_err(store_err)?;
