@@ -96,10 +96,9 @@ fn json_lines_have_the_ids_of_the_current_span() {
             .is_some_and(|t| t.contains('T'))
     );
     assert_eq!(inside["target"], module_path!());
-    assert_eq!(inside["span"]["name"], spans::JOB);
-    assert_eq!(inside["span"]["taskmill.job_id"], "job-42");
-    assert_eq!(inside["span"]["taskmill.attempt"], 3);
-    assert_eq!(inside["spans"].as_array().map(Vec::len), Some(1));
+    // The per-job spans are for tracing only: the log layer does not format
+    // them (hot path), so the line carries the ids, not the span's fields.
+    assert!(inside.get("span").is_none(), "{inside}");
 }
 
 #[test]

@@ -11,6 +11,7 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use super::drops::{DropReason, DropStats};
@@ -199,6 +200,14 @@ pub fn build(opts: TracingOptions) -> Result<(Dispatch, TelemetryGuard), Tracing
         Ok(v) if !v.trim().is_empty() => env_filter(&v, "RUST_LOG")?,
         _ => env_filter(&opts.log_filter, "log level")?,
     };
+    // The per-job spans (`taskmill::spans`) exist for tracing: the log layer
+    // skips them, which keeps span creation off the hot path when nothing is
+    // exported (their fields were formatted for every job). Log events keep
+    // their own fields (job id, queue, kind), and JSON lines still carry the
+    // trace and span ids from the OpenTelemetry context.
+    let log_filter = log_filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+        !(meta.is_span() && meta.target() == super::spans::TARGET)
+    }));
     let writer = opts
         .writer
         .unwrap_or_else(|| BoxMakeWriter::new(std::io::stderr));
