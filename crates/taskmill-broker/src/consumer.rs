@@ -12,8 +12,10 @@ use taskmill_core::wire::{
 };
 use taskmill_core::{DeadReason, DecodeError, Envelope};
 
+use taskmill_core::celery::{self, CeleryProperties, CeleryTask, ReplyTo};
+
 use crate::connection::{Broker, BrokerError};
-use crate::convert;
+use crate::convert::{self, CeleryHeaders};
 use crate::publisher::Outgoing;
 
 /// A consumer on its own channel. Deliveries not acked when the channel closes
@@ -96,6 +98,39 @@ impl Consumer {
     }
 }
 
+/// A copy of `p` without the per-message TTL (`expiration`). A copy the
+/// worker publishes (dead letter, retry, deferral) must not carry it: it
+/// would make a dead letter vanish from `Q.dead`, and make a delayed copy
+/// leave its delay queue early (RabbitMQ drops the property itself when it
+/// dead-letters a message, for the same reason). Celery sets it for
+/// `expires`, which the worker checks from the header instead.
+fn without_expiration(p: &lapin::BasicProperties) -> lapin::BasicProperties {
+    let mut out = lapin::BasicProperties::default();
+    macro_rules! keep {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(v) = p.$get() {
+                out = out.$set(v.clone());
+            })*
+        };
+    }
+    keep!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        user_id => with_user_id,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    out
+}
+
 /// One delivery.
 pub struct Incoming {
     delivery: Delivery,
@@ -150,6 +185,74 @@ impl Incoming {
         )
     }
 
+    /// The delivery's properties as the Celery decoder reads them.
+    fn celery_properties(&self) -> CeleryProperties<'_> {
+        let p = &self.delivery.properties;
+        CeleryProperties {
+            correlation_id: p.correlation_id().as_ref().map(|s| s.as_str()),
+            content_type: p.content_type().as_ref().map(|s| s.as_str()),
+            content_encoding: p.content_encoding().as_ref().map(|s| s.as_str()),
+            reply_to: p.reply_to().as_ref().map(|s| s.as_str()),
+            timestamp: *p.timestamp(),
+        }
+    }
+
+    /// Decodes the delivery as a Celery protocol v2 task (see
+    /// [`taskmill_core::celery::decode`]). The body stays in the delivery, so
+    /// dead-letter and retry copies ([`Incoming::delayed_copy`]) remain
+    /// Celery messages.
+    pub fn decode_celery(
+        &self,
+        max_payload_bytes: usize,
+    ) -> Result<(Envelope, CeleryTask), DecodeError> {
+        celery::decode(
+            &self.queue,
+            self.celery_properties(),
+            &CeleryHeaders(self.delivery.properties.headers().as_ref()),
+            &self.delivery.data,
+            max_payload_bytes,
+        )
+    }
+
+    /// For a Celery message refused at decode: where its client waits for a
+    /// result, when the message says (task id and `reply_to`).
+    pub fn celery_reply_hint(&self) -> Option<ReplyTo> {
+        celery::reply_hint(
+            self.celery_properties(),
+            &CeleryHeaders(self.delivery.properties.headers().as_ref()),
+        )
+    }
+
+    /// A copy of this delivery (body, properties, headers) with `overrides`
+    /// set, that becomes ready again in its queue after `delay`, through the
+    /// delay ladder: how a Celery task is deferred or retried as a Celery
+    /// message. Fails only for a delay beyond [`taskmill_core::wire::MAX_DELAY`].
+    pub fn delayed_copy(
+        &self,
+        overrides: &[(&'static str, taskmill_core::HeaderValue)],
+        delay: std::time::Duration,
+    ) -> Result<Outgoing, String> {
+        let (exchange, routing_key) = taskmill_core::wire::delay_route(&self.queue, delay)?;
+        let mut headers = self
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        for (k, v) in overrides {
+            headers.insert(ShortString::from(*k), convert::to_amqp(v));
+        }
+        let properties = without_expiration(&self.delivery.properties)
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        Ok(Outgoing {
+            exchange,
+            routing_key,
+            properties,
+            body: self.delivery.data.clone(),
+        })
+    }
+
     /// A copy of this delivery for `Q.dead`: original body, properties and
     /// headers, plus the reason headers. `body` is the payload when the caller
     /// took it out by decoding; `None` uses the delivery's own body.
@@ -180,10 +283,7 @@ impl Incoming {
         for (k, v) in extra {
             headers.insert(ShortString::from(*k), convert::to_amqp(v));
         }
-        let properties = self
-            .delivery
-            .properties
-            .clone()
+        let properties = without_expiration(&self.delivery.properties)
             .with_headers(headers)
             .with_delivery_mode(2);
         Outgoing {
@@ -215,5 +315,34 @@ impl Incoming {
             .await
             .map(|_| ())
             .map_err(BrokerError::op("basic.nack"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_keep_every_property_but_the_ttl() {
+        let full = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_headers(FieldTable::default())
+            .with_delivery_mode(2)
+            .with_priority(3)
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_message_id("m".into())
+            .with_timestamp(7)
+            .with_type("t".into())
+            .with_user_id("u".into())
+            .with_app_id("a".into())
+            .with_cluster_id("k".into());
+        let with_ttl = full.clone().with_expiration("0".into());
+        assert_eq!(without_expiration(&with_ttl), full);
+        assert_eq!(
+            without_expiration(&lapin::BasicProperties::default()),
+            lapin::BasicProperties::default()
+        );
     }
 }

@@ -56,6 +56,24 @@ pub fn lookup(t: Option<&FieldTable>, name: &str) -> Option<HeaderValue> {
     t?.inner().get(name).map(from_amqp)
 }
 
+/// A message's headers as the Celery decoder reads them (scalars, and the
+/// items of a list header such as `timelimit`).
+#[derive(Debug, Clone, Copy)]
+pub struct CeleryHeaders<'a>(pub Option<&'a FieldTable>);
+
+impl taskmill_core::celery::HeaderSource for CeleryHeaders<'_> {
+    fn scalar(&self, name: &str) -> Option<HeaderValue> {
+        lookup(self.0, name)
+    }
+
+    fn list(&self, name: &str) -> Option<Vec<HeaderValue>> {
+        match self.0?.inner().get(name)? {
+            AMQPValue::FieldArray(items) => Some(items.as_slice().iter().map(from_amqp).collect()),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +95,27 @@ mod tests {
             HeaderValue::Bytes(vec![0xff, 0xfe])
         );
         assert_eq!(from_amqp(&AMQPValue::LongUInt(7)), HeaderValue::Int(7));
+    }
+
+    #[test]
+    fn celery_list_headers() {
+        use taskmill_core::celery::HeaderSource;
+        let mut t = FieldTable::default();
+        t.insert(
+            ShortString::from("timelimit"),
+            AMQPValue::FieldArray(vec![AMQPValue::Double(2.5), AMQPValue::Void].into()),
+        );
+        t.insert(
+            ShortString::from("task"),
+            to_amqp(&HeaderValue::Str("a".into())),
+        );
+        let h = CeleryHeaders(Some(&t));
+        assert_eq!(
+            h.list("timelimit"),
+            Some(vec![HeaderValue::Float(2.5), HeaderValue::Other("void")])
+        );
+        assert_eq!(h.list("task"), None);
+        assert_eq!(h.scalar("task"), Some(HeaderValue::Str("a".into())));
+        assert_eq!(CeleryHeaders(None).list("timelimit"), None);
     }
 }

@@ -12,6 +12,8 @@
 //!
 //! Nothing here knows about handlers: the worker decides, this crate carries out.
 
+pub mod browse;
+pub mod ceiling;
 pub mod connection;
 pub mod consumer;
 pub mod convert;

@@ -80,6 +80,25 @@ impl Outgoing {
         Ok(msg)
     }
 
+    /// A result message for a Celery client's `rpc://` backend: to the
+    /// default exchange with routing key `reply.queue` (the task's
+    /// `reply_to`), `correlation_id` = the task id, JSON `body` (see
+    /// [`taskmill_core::celery::result_body`]). Non-persistent, as Celery
+    /// sends results: the reply queue is the client's, auto-deleted with it.
+    pub fn celery_result(reply: &taskmill_core::celery::ReplyTo, body: Vec<u8>) -> Outgoing {
+        let properties = BasicProperties::default()
+            .with_correlation_id(reply.task_id.as_str().into())
+            .with_content_type(CONTENT_TYPE.into())
+            .with_content_encoding("utf-8".into())
+            .with_delivery_mode(1);
+        Outgoing {
+            exchange: String::new(),
+            routing_key: reply.queue.clone(),
+            properties,
+            body,
+        }
+    }
+
     /// Any message, for tooling and tests that must send what a foreign or
     /// broken producer would: to `exchange` with `routing_key`, persistent,
     /// with the given properties and headers (nothing validated).

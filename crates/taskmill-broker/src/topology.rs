@@ -98,6 +98,75 @@ impl Broker {
         Ok(())
     }
 
+    /// Declares a queue served in Celery mode the way Celery (kombu) declares
+    /// its `Queue(name)`: a durable direct exchange named like the queue, the
+    /// durable queue with no arguments (classic) or only `x-queue-type:
+    /// quorum`, bound under its name. So a Celery producer or worker that
+    /// declares it too gets no PRECONDITION_FAILED. Celery producers publish
+    /// to the default exchange with the queue name as routing key, which needs
+    /// no binding. taskmill adds bindings (additive, invisible to Celery):
+    /// from the delay ladder's delivery exchange (ETAs and retries) and from
+    /// `taskmill` under the queue name (`taskmill dlq replay`); and declares
+    /// `Q.dead` as for a taskmill queue. Idempotent.
+    pub async fn declare_celery(&self, spec: &QueueSpec) -> Result<(), BrokerError> {
+        let ch = self.channel().await?;
+        let durable_direct = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        for ex in [EXCHANGE, spec.name.as_str()] {
+            ch.exchange_declare(
+                ex.into(),
+                ExchangeKind::Direct,
+                durable_direct,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::op(format!("exchange.declare {ex}")))?;
+        }
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut args = FieldTable::default();
+        if spec.queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), long(QueueType::Quorum.as_str()));
+        }
+        ch.queue_declare(spec.name.as_str().into(), durable, args)
+            .await
+            .map_err(BrokerError::op(format!("queue.declare {}", spec.name)))?;
+        let dead = dead_queue_name(&spec.name);
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), long(spec.queue_type.as_str()));
+        ch.queue_declare(dead.as_str().into(), durable, dead_args)
+            .await
+            .map_err(BrokerError::op(format!("queue.declare {dead}")))?;
+        let delay_pattern = delay_deliver_pattern(&spec.name);
+        let bindings = [
+            (spec.name.as_str(), spec.name.as_str(), spec.name.as_str()),
+            (spec.name.as_str(), EXCHANGE, spec.name.as_str()),
+            (
+                spec.name.as_str(),
+                DELAY_DELIVER_EXCHANGE,
+                delay_pattern.as_str(),
+            ),
+            (dead.as_str(), EXCHANGE, dead.as_str()),
+        ];
+        for (queue, exchange, key) in bindings {
+            ch.queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::op(format!("queue.bind {queue} to {exchange}")))?;
+        }
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+
     /// Declares the delay ladder: for each level `n` a topic exchange and a
     /// queue holding messages `DELAY_TICK × 2^n` (queue-level TTL, so every
     /// message in a queue expires in order at its head), dead-lettering to the

@@ -109,8 +109,14 @@ pub struct Config {
     pub amqp_url: String,
     /// Address of the HTTP endpoint serving `/metrics`, `/healthz`, `/readyz`.
     pub http_addr: SocketAddr,
-    /// Queues this worker consumes.
+    /// Queues this worker consumes, in taskmill's protocol.
     pub queues: Vec<String>,
+    /// Queues this worker consumes in Celery mode: Celery protocol v2 task
+    /// messages in, results to the client's `rpc://` reply queue out
+    /// (`docs/protocol.md`, "Celery producers"). Declared as Celery declares
+    /// a queue: classic (or quorum when `[queue.NAME] queue_type` says so),
+    /// bound to an exchange of the same name.
+    pub celery_queues: Vec<String>,
     /// Type of the queues the worker declares.
     pub queue_type: QueueType,
     /// Default prefetch (basic.qos) per queue; 0 means "same as concurrency".
@@ -189,6 +195,7 @@ impl Default for Config {
             amqp_url: DEFAULT_AMQP_URL.to_string(),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
             queues: vec![DEFAULT_QUEUE.to_string()],
+            celery_queues: Vec::new(),
             queue_type: QueueType::Quorum,
             prefetch: 0,
             concurrency: 100,
@@ -290,6 +297,10 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
     }),
     ("TASKMILL_QUEUES", |c, v| {
         c.queues = split_list(v);
+        Ok(())
+    }),
+    ("TASKMILL_CELERY_QUEUES", |c, v| {
+        c.celery_queues = split_list(v);
         Ok(())
     }),
     ("TASKMILL_QUEUE_TYPE", |c, v| {
@@ -465,11 +476,29 @@ impl Config {
             key: key.to_string(),
             message,
         };
-        if self.queues.is_empty() {
-            return Err(invalid("queues", "at least one queue is needed".into()));
+        if self.queues.is_empty() && self.celery_queues.is_empty() {
+            return Err(invalid(
+                "queues",
+                "at least one queue (or celery queue) is needed".into(),
+            ));
         }
         for q in &self.queues {
             check_queue_name(q).map_err(|m| invalid("queues", m))?;
+        }
+        for q in &self.celery_queues {
+            check_queue_name(q).map_err(|m| invalid("celery_queues", m))?;
+            if self.queues.contains(q) {
+                return Err(invalid(
+                    "celery_queues",
+                    format!("queue `{q}` is in `queues` too: a queue speaks one protocol"),
+                ));
+            }
+            if *q == self.cpu_queue {
+                return Err(invalid(
+                    "celery_queues",
+                    format!("queue `{q}` is the cpu_queue, which speaks taskmill's protocol"),
+                ));
+            }
         }
         for name in self.queue.keys() {
             check_queue_name(name).map_err(|m| invalid(&format!("queue.{name}"), m))?;
@@ -534,6 +563,11 @@ impl Config {
         Ok(())
     }
 
+    /// Whether `queue` is served in Celery mode.
+    pub fn is_celery_queue(&self, queue: &str) -> bool {
+        self.celery_queues.iter().any(|q| q == queue)
+    }
+
     /// The effective settings of `queue`.
     pub fn queue_settings(&self, queue: &str) -> QueueSettings {
         let q = self.queue.get(queue).cloned().unwrap_or_default();
@@ -544,11 +578,18 @@ impl Config {
         } else {
             prefetch
         };
+        // A Celery queue is declared as Celery declares it: classic unless
+        // its own table says quorum; the worker-wide type does not apply.
+        let default_type = if self.is_celery_queue(queue) {
+            QueueType::Classic
+        } else {
+            self.queue_type
+        };
         QueueSettings {
             name: queue.to_string(),
             prefetch,
             concurrency,
-            queue_type: q.queue_type.unwrap_or(self.queue_type),
+            queue_type: q.queue_type.unwrap_or(default_type),
         }
     }
 
@@ -720,6 +761,44 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("amqp_url") && !err.contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn celery_queues_from_file_env_and_checks() {
+        let mut c = Config::from_toml(
+            "celery_queues = [\"celery\"]\n[queue.celery]\nconcurrency = 4\n",
+            Path::new("w.toml"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.is_celery_queue("celery") && !c.is_celery_queue("default"));
+        let s = c.queue_settings("celery");
+        assert_eq!((s.concurrency, s.queue_type), (4, QueueType::Classic));
+        assert_eq!(c.queue_settings("default").queue_type, QueueType::Quorum);
+        c.apply_env([
+            (
+                "TASKMILL_CELERY_QUEUES".to_string(),
+                "reports, mail".to_string(),
+            ),
+            ("TASKMILL_QUEUES".to_string(), String::new()),
+        ])
+        .unwrap();
+        assert_eq!(c.celery_queues, vec!["reports", "mail"]);
+        c.validate().unwrap();
+        let both = Config {
+            celery_queues: vec!["default".into()],
+            ..Config::default()
+        };
+        let err = both.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("celery_queues") && err.contains("one protocol"),
+            "{err}"
+        );
+        let none = Config {
+            queues: Vec::new(),
+            ..Config::default()
+        };
+        assert!(none.validate().is_err());
     }
 
     #[test]

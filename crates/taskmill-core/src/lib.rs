@@ -2,6 +2,8 @@
 //! every other crate and the one place where the wire protocol's rules live.
 //!
 //! Layout:
+//! - [`celery`]: Celery protocol v2: decoding Celery task messages into an
+//!   envelope, and the result messages of Celery's `rpc://` backend.
 //! - [`wire`]: protocol v1: header names, the [`wire::Envelope`] a producer
 //!   publishes and its decoding with reasons for everything a worker must refuse.
 //! - [`error`]: [`error::JobError`], the handler error whose variant decides what
@@ -17,6 +19,7 @@
 //! assert_eq!(env.attempt, 1);
 //! ```
 
+pub mod celery;
 pub mod config;
 pub mod error;
 pub mod redact;

@@ -190,6 +190,11 @@ pub enum DeadReason {
     Timeout,
     /// The job's task or process crashed.
     Crashed,
+    /// A Celery message in a serialization other than JSON (pickle, YAML,
+    /// msgpack), or compressed: taskmill never decodes it.
+    UnsupportedSerializer,
+    /// A Celery task whose `expires` time had passed before it could run.
+    Expired,
 }
 
 impl DeadReason {
@@ -207,6 +212,8 @@ impl DeadReason {
             DeadReason::AttemptsExhausted => "attempts_exhausted",
             DeadReason::Timeout => "timeout",
             DeadReason::Crashed => "crashed",
+            DeadReason::UnsupportedSerializer => "unsupported_serializer",
+            DeadReason::Expired => "expired",
         }
     }
 }
@@ -222,7 +229,7 @@ pub struct DecodeError {
 }
 
 impl DecodeError {
-    fn new(reason: DeadReason, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: DeadReason, detail: impl Into<String>) -> Self {
         DecodeError {
             reason,
             detail: detail.into(),
@@ -507,19 +514,19 @@ impl Envelope {
     }
 }
 
-fn too_large(len: usize, max: usize) -> DecodeError {
+pub(crate) fn too_large(len: usize, max: usize) -> DecodeError {
     DecodeError::new(
         DeadReason::PayloadTooLarge,
         format!("payload is {len} bytes; the limit is {max}"),
     )
 }
 
-fn is_json_content_type(ct: &str) -> bool {
+pub(crate) fn is_json_content_type(ct: &str) -> bool {
     let essence = ct.split(';').next().unwrap_or("").trim();
     essence.eq_ignore_ascii_case(CONTENT_TYPE)
 }
 
-fn check_kind(kind: &str) -> Result<(), DecodeError> {
+pub(crate) fn check_kind(kind: &str) -> Result<(), DecodeError> {
     if kind.is_empty() || kind.len() > MAX_KIND_LEN {
         return Err(DecodeError::new(
             DeadReason::BadHeader,
@@ -529,7 +536,7 @@ fn check_kind(kind: &str) -> Result<(), DecodeError> {
     Ok(())
 }
 
-fn check_key(key: &str) -> Result<(), DecodeError> {
+pub(crate) fn check_key(key: &str) -> Result<(), DecodeError> {
     if key.is_empty() || key.len() > MAX_KEY_LEN {
         return Err(DecodeError::new(
             DeadReason::BadHeader,
@@ -539,7 +546,7 @@ fn check_key(key: &str) -> Result<(), DecodeError> {
     Ok(())
 }
 
-fn str_header(name: &str, v: HeaderValue) -> Result<String, DecodeError> {
+pub(crate) fn str_header(name: &str, v: HeaderValue) -> Result<String, DecodeError> {
     match v {
         HeaderValue::Str(s) => Ok(s),
         HeaderValue::Bytes(_) => Err(DecodeError::new(
@@ -553,7 +560,7 @@ fn str_header(name: &str, v: HeaderValue) -> Result<String, DecodeError> {
     }
 }
 
-fn int_header(name: &str, v: HeaderValue) -> Result<i64, DecodeError> {
+pub(crate) fn int_header(name: &str, v: HeaderValue) -> Result<i64, DecodeError> {
     match v {
         HeaderValue::Int(n) => Ok(n),
         other => Err(DecodeError::new(

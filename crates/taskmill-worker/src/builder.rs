@@ -224,6 +224,9 @@ impl WorkerBuilder {
         if has_cpu && !config.queues.contains(&config.cpu_queue) {
             config.queues.push(config.cpu_queue.clone());
         }
+        // Celery queues are consumed like the others; the job path and the
+        // declaration look the protocol up with `Config::is_celery_queue`.
+        config.queues.extend(config.celery_queues.iter().cloned());
         Ok(Worker {
             shared: Arc::new(runtime::Shared {
                 metrics: self

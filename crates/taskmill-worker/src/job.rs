@@ -7,13 +7,22 @@
 //! has a key), or its retry / deferred / dead-letter copy confirmed by the
 //! broker. If that publish fails, the session ends (the supervisor reconnects
 //! and redeclares) and the unacked delivery returns to its queue.
+//!
+//! Two protocols share this flow ([`Wire`]): taskmill's own, and Celery
+//! protocol v2 on the queues served in Celery mode. A Celery task is decoded
+//! into the same envelope and claimed, run, retried and dead-lettered the same
+//! way; what differs is that its copies (retries, deferrals, dead letters)
+//! stay Celery messages, that its `eta` and `expires` are checked before it
+//! runs, and that its outcome is also published to the client's `rpc://`
+//! reply queue, after the outcome is durable and before the ack.
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::FutureExt;
-use taskmill_broker::{Incoming, Outgoing};
+use taskmill_broker::{Incoming, Outgoing, PublishError};
+use taskmill_core::celery::{self, CeleryException, ReplyTo, ResultStatus};
 use taskmill_core::wire::{H_FIRST_FAILED_AT_MS, now_us};
 use taskmill_core::{DeadReason, Envelope, HeaderValue, JobError, Outcome};
 use taskmill_cpu::{CpuError, CpuRequest, HandlerError};
@@ -61,6 +70,60 @@ impl Info {
     }
 }
 
+/// The protocol a delivery came in, and what its copies and results need.
+enum Wire {
+    /// taskmill protocol v1: the body moved into the envelope's payload.
+    Taskmill,
+    /// Celery protocol v2: the body stays in the delivery, so every copy is
+    /// still a Celery message; outcomes go to the client's reply queue.
+    Celery(celery::CeleryTask),
+}
+
+impl Wire {
+    /// The body of a dead-letter copy: the payload taken out of a taskmill
+    /// delivery; `None` (the delivery's own body) for Celery.
+    fn dead_body<'a>(&self, payload: &'a [u8]) -> Option<&'a [u8]> {
+        match self {
+            Wire::Taskmill => Some(payload),
+            Wire::Celery(_) => None,
+        }
+    }
+
+    /// Where the client waits for the outcome, with what to tell it; the
+    /// notice is only built when there is a client.
+    fn reply(&self, notice: impl FnOnce() -> Notice) -> Option<(&ReplyTo, Notice)> {
+        match self {
+            Wire::Celery(task) => task.reply.as_ref().map(|r| (r, notice())),
+            Wire::Taskmill => None,
+        }
+    }
+}
+
+/// What a Celery client is told about an outcome (`rpc://` result message).
+struct Notice {
+    status: ResultStatus,
+    result: serde_json::Value,
+    traceback: Option<String>,
+}
+
+impl Notice {
+    fn success(result: serde_json::Value) -> Notice {
+        Notice {
+            status: ResultStatus::Success,
+            result,
+            traceback: None,
+        }
+    }
+
+    fn error(status: ResultStatus, exc: &CeleryException, traceback: impl Into<String>) -> Notice {
+        Notice {
+            status,
+            result: exc.to_json(),
+            traceback: Some(traceback.into()),
+        }
+    }
+}
+
 /// Why a run produced no outcome.
 enum Failure {
     /// The job failed; its error decides retry or dead-letter.
@@ -79,14 +142,30 @@ struct Done {
 pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
     let shared = &session.shared;
     let queue = incoming.queue().to_string();
-    let env = match incoming.decode(shared.config.max_payload_bytes) {
-        Ok(env) => env,
+    let max = shared.config.max_payload_bytes;
+    let celery = shared.config.is_celery_queue(&queue);
+    let decoded = if celery {
+        incoming
+            .decode_celery(max)
+            .map(|(env, task)| (env, Wire::Celery(task)))
+    } else {
+        incoming.decode(max).map(|env| (env, Wire::Taskmill))
+    };
+    let (env, wire) = match decoded {
+        Ok(decoded) => decoded,
         Err(e) => {
-            tracing::warn!(queue = %queue, message_id = ?incoming.message_id(), reason = e.reason.as_str(), error = %e.detail, "refusing message");
+            // A Celery client waiting on a refused task learns why, instead
+            // of waiting forever (when the message names its task and client).
+            let hint = celery.then(|| incoming.celery_reply_hint()).flatten();
+            let job_id = incoming
+                .message_id()
+                .or(hint.as_ref().map(|h| h.task_id.as_str()))
+                .map(str::to_string);
+            tracing::warn!(queue = %queue, message_id = ?job_id, reason = e.reason.as_str(), error = %e.detail, "refusing message");
             let span = spans::job_span(
                 &queue,
                 UNKNOWN_KIND,
-                incoming.message_id().unwrap_or(""),
+                job_id.as_deref().unwrap_or(""),
                 1,
                 None,
                 None,
@@ -94,14 +173,30 @@ pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
             let info = Info {
                 queue,
                 kind: UNKNOWN_KIND.to_string(),
-                job_id: incoming.message_id().map(str::to_string),
+                job_id,
                 queue_wait: None,
                 span: span.clone(),
             };
             let report = info.report(Outcome::Dead, Duration::ZERO, Some(e.to_string()));
-            dead_letter(session, &incoming, e.reason, &e.detail, None, &[], report)
-                .instrument(span)
-                .await;
+            let reply = hint.as_ref().map(|to| {
+                let exc = CeleryException::from_refusal(e.reason, &e.detail, None);
+                (
+                    to,
+                    Notice::error(ResultStatus::Failure, &exc, e.to_string()),
+                )
+            });
+            dead_letter(
+                session,
+                &incoming,
+                e.reason,
+                &e.detail,
+                None,
+                &[],
+                reply,
+                report,
+            )
+            .instrument(span)
+            .await;
             return;
         }
     };
@@ -113,13 +208,13 @@ pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
         env.traceparent.as_deref(),
         env.tracestate.as_deref(),
     );
-    process(session, incoming, env, span.clone())
+    process(session, incoming, env, wire, span.clone())
         .instrument(span)
         .await;
 }
 
 /// Everything after a successful decode, inside the job span.
-async fn process(session: &Session, incoming: Incoming, mut env: Envelope, span: Span) {
+async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire: Wire, span: Span) {
     let shared = &session.shared;
     let queue = incoming.queue().to_string();
     let payload: Bytes = std::mem::take(&mut env.payload).into();
@@ -133,17 +228,26 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, span:
         queue_wait,
         span,
     };
+    if !celery_gate(session, &incoming, &wire, &env, &payload, &info).await {
+        return;
+    }
     let Some(handler) = shared.handlers.get(&env.kind).cloned() else {
         let detail = format!("no handler is registered for kind `{}`", env.kind);
         tracing::warn!(queue = %queue, job_id = %env.job_id, kind = %env.kind, "refusing job: unknown kind");
         let report = info.report(Outcome::Dead, Duration::ZERO, Some(detail.clone()));
+        let reply = wire.reply(|| {
+            let exc =
+                CeleryException::from_refusal(DeadReason::UnknownKind, &detail, Some(&env.kind));
+            Notice::error(ResultStatus::Failure, &exc, detail.clone())
+        });
         dead_letter(
             session,
             &incoming,
             DeadReason::UnknownKind,
             &detail,
-            Some(&payload),
+            wire.dead_body(&payload),
             &[],
+            reply,
             report,
         )
         .await;
@@ -173,6 +277,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, span:
             match claim(
                 session,
                 &incoming,
+                &wire,
                 &env,
                 &payload,
                 &key,
@@ -238,6 +343,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, span:
                     defer(
                         session,
                         &incoming,
+                        &wire,
                         &env,
                         &payload,
                         STORE_RETRY_DELAY,
@@ -247,9 +353,9 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, span:
                     return;
                 }
             }
-            if ack(session, &incoming).await {
-                finish(session, info.report(Outcome::Ok, run_time, None));
-            }
+            let report = info.report(Outcome::Ok, run_time, None);
+            let reply = wire.reply(|| Notice::success(done.value));
+            settle(session, &incoming, reply, report).await;
         }
         Err(Failure::Abandon(why)) => {
             tracing::info!(queue = %queue, job_id = %env.job_id, reason = %why, "job stopped by shutdown; leaving it to the broker");
@@ -279,7 +385,14 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, span:
                 next.first_failed_at_ms.get_or_insert(now_us() / 1000);
                 next.replay = false;
                 let report = info.report(Outcome::Retried, run_time, Some(err.to_string()));
-                republish(session, &incoming, next, &payload, delay, report).await;
+                let reply = wire.reply(|| {
+                    let exc = CeleryException::from_job_error(&err);
+                    Notice::error(ResultStatus::Retry, &exc, err.to_string())
+                });
+                republish(
+                    session, &incoming, &wire, next, &payload, delay, reply, report,
+                )
+                .await;
             } else {
                 let reason = if err.is_retryable() {
                     DeadReason::AttemptsExhausted
@@ -287,12 +400,17 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, span:
                     err.dead_reason()
                 };
                 tracing::warn!(queue = %queue, job_id = %env.job_id, kind = %env.kind, attempt = env.attempt, reason = reason.as_str(), error = %err, "job failed for good; dead-lettering");
+                let exc = CeleryException::from_job_error(&err);
                 if let Some(t) = &token {
-                    let record = serde_json::json!({
+                    let mut record = serde_json::json!({
                         "reason": reason.as_str(),
                         "error": err.to_string(),
                         "attempts": env.attempt,
                     });
+                    if let Wire::Celery(_) = wire {
+                        // Reported again to a client whose task is redelivered.
+                        record[CELERY_EXCEPTION] = exc.to_json();
+                    }
                     if let Err(e) = session.store().fail(t, &record).await {
                         tracing::warn!(error = %e, "cannot record the final failure in the store");
                     }
@@ -303,13 +421,22 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, span:
                     HeaderValue::Int(i64::try_from(first_failed).unwrap_or(i64::MAX)),
                 )];
                 let report = info.report(err.final_outcome(), run_time, Some(err.to_string()));
+                let detail = err.to_string();
+                let reply = wire.reply(|| {
+                    Notice::error(
+                        ResultStatus::Failure,
+                        &exc,
+                        format!("{}: {detail}", reason.as_str()),
+                    )
+                });
                 dead_letter(
                     session,
                     &incoming,
                     reason,
-                    &err.to_string(),
-                    Some(&payload),
+                    &detail,
+                    wire.dead_body(&payload),
                     &extra,
+                    reply,
                     report,
                 )
                 .await;
@@ -320,9 +447,11 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, span:
 
 /// Claims `key`; `None` when the delivery was dealt with here (duplicate,
 /// deferred, or left for the store to come back).
+#[allow(clippy::too_many_arguments)]
 async fn claim(
     session: &Session,
     incoming: &Incoming,
+    wire: &Wire,
     env: &Envelope,
     payload: &Bytes,
     key: &str,
@@ -338,14 +467,13 @@ async fn claim(
             .await;
         match claim {
             Ok(Claim::Acquired(token)) => return Some(token),
-            Ok(Claim::AlreadyCompleted { .. }) => {
+            Ok(Claim::AlreadyCompleted { result }) => {
                 tracing::debug!(job_id = %env.job_id, key, "duplicate: key already completed");
-                if ack(session, incoming).await {
-                    finish(
-                        session,
-                        info.report(Outcome::Duplicate, Duration::ZERO, None),
-                    );
-                }
+                // A Celery client may still wait: the run that completed it
+                // may have stopped before its result was sent.
+                let reply = wire.reply(|| Notice::success(result.unwrap_or_default()));
+                let report = info.report(Outcome::Duplicate, Duration::ZERO, None);
+                settle(session, incoming, reply, report).await;
                 return None;
             }
             Ok(Claim::AlreadyFailed { .. }) if env.replay && !forgot => {
@@ -356,28 +484,43 @@ async fn claim(
                 }
                 forgot = true;
             }
-            Ok(Claim::AlreadyFailed { .. }) => {
+            Ok(Claim::AlreadyFailed { error }) => {
                 tracing::debug!(job_id = %env.job_id, key, "duplicate: key already failed for good");
-                if ack(session, incoming).await {
-                    finish(
-                        session,
-                        info.report(Outcome::Duplicate, Duration::ZERO, None),
-                    );
-                }
+                let reply = wire.reply(|| {
+                    let text = error["error"].as_str().unwrap_or("failed").to_string();
+                    let exc = error
+                        .get(CELERY_EXCEPTION)
+                        .and_then(|v| serde_json::from_value(v.clone()).ok())
+                        .unwrap_or_else(|| {
+                            CeleryException::from_job_error(&JobError::permanent(text.clone()))
+                        });
+                    Notice::error(ResultStatus::Failure, &exc, text)
+                });
+                let report = info.report(Outcome::Duplicate, Duration::ZERO, None);
+                settle(session, incoming, reply, report).await;
                 return None;
             }
             Ok(Claim::HeldElsewhere { owner, expires_in }) => {
                 let delay = (expires_in + Duration::from_secs(1)).min(MAX_DEFER);
                 tracing::debug!(job_id = %env.job_id, key, owner = %owner, retry_in = ?delay, "key held by a live lease; deferring");
                 let report = info.report(Outcome::Deferred, Duration::ZERO, None);
-                defer(session, incoming, env, payload, delay, report).await;
+                defer(session, incoming, wire, env, payload, delay, report).await;
                 return None;
             }
             Err(e) => {
                 shared.readiness.set("store", false);
                 tracing::warn!(job_id = %env.job_id, error = %e, "cannot claim the idempotency key; deferring");
                 let report = info.report(Outcome::Deferred, Duration::ZERO, Some(e.to_string()));
-                defer(session, incoming, env, payload, STORE_RETRY_DELAY, report).await;
+                defer(
+                    session,
+                    incoming,
+                    wire,
+                    env,
+                    payload,
+                    STORE_RETRY_DELAY,
+                    report,
+                )
+                .await;
                 return None;
             }
         }
@@ -515,31 +658,61 @@ async fn complete(session: &Session, token: &ClaimToken, value: &serde_json::Val
     false
 }
 
-/// Publishes `next` to run after `delay`, then acks the original.
+/// The copy of a delivery that runs `next` after `delay`: a taskmill job, or
+/// the Celery message itself with `retries` = attempt - 1 and `eta` = when it
+/// is due (never earlier than its own `eta`: a delay clamped to the ladder's
+/// maximum only means another round through the ladder).
+fn delayed(
+    incoming: &Incoming,
+    wire: &Wire,
+    next: &Envelope,
+    delay: Duration,
+) -> Result<Outgoing, String> {
+    match wire {
+        Wire::Taskmill => Outgoing::job_delayed(next, delay),
+        Wire::Celery(task) => {
+            let due = now_us()
+                .saturating_add(u64::try_from(delay.as_micros()).unwrap_or(u64::MAX))
+                .max(task.eta_us.unwrap_or(0));
+            let headers = celery::redelivery_headers(
+                next.attempt.saturating_sub(1),
+                due,
+                next.first_failed_at_ms,
+            );
+            incoming.delayed_copy(&headers, delay)
+        }
+    }
+}
+
+/// Publishes `next` to run after `delay`, tells a Celery client (`reply`),
+/// then acks the original.
+#[allow(clippy::too_many_arguments)]
 async fn republish(
     session: &Session,
     incoming: &Incoming,
+    wire: &Wire,
     mut next: Envelope,
     payload: &Bytes,
     delay: Duration,
+    reply: Option<(&ReplyTo, Notice)>,
     report: JobReport,
 ) {
     next.payload = payload.to_vec();
     next.enqueued_at_us = Some(now_us() + u64::try_from(delay.as_micros()).unwrap_or(u64::MAX));
-    let msg = match Outgoing::job_delayed(&next, delay) {
+    let msg = match delayed(incoming, wire, &next, delay) {
         Ok(m) => m,
         Err(e) => {
             // Only a delay beyond the ladder's range; clamp to its maximum.
             tracing::warn!(error = %e, "delay out of range; using the maximum");
-            Outgoing::job_delayed(&next, taskmill_core::wire::MAX_DELAY)
+            delayed(incoming, wire, &next, taskmill_core::wire::MAX_DELAY)
                 .expect("the maximum delay is in range")
         }
     };
     let published = publish(session, &msg)
         .instrument(spans::step_span(Step::Retry))
         .await;
-    if published && ack(session, incoming).await {
-        finish(session, report);
+    if published {
+        settle(session, incoming, reply, report).await;
     }
 }
 
@@ -547,12 +720,73 @@ async fn republish(
 async fn defer(
     session: &Session,
     incoming: &Incoming,
+    wire: &Wire,
     env: &Envelope,
     payload: &Bytes,
     delay: Duration,
     report: JobReport,
 ) {
-    republish(session, incoming, env.clone(), payload, delay, report).await;
+    republish(
+        session,
+        incoming,
+        wire,
+        env.clone(),
+        payload,
+        delay,
+        None,
+        report,
+    )
+    .await;
+}
+
+/// Celery's `expires` and `eta`, checked before anything runs: an expired
+/// task is dead-lettered (reason `expired`) and reported REVOKED, as Celery
+/// does; a task not due yet goes through the delay ladder until its `eta`
+/// instead of being held unacked. Returns whether the job may go on now.
+async fn celery_gate(
+    session: &Session,
+    incoming: &Incoming,
+    wire: &Wire,
+    env: &Envelope,
+    payload: &Bytes,
+    info: &Info,
+) -> bool {
+    let Wire::Celery(task) = wire else {
+        return true;
+    };
+    let now = now_us();
+    if task.expired_at(now) {
+        let at = celery::format_iso8601(task.expires_us.unwrap_or(0));
+        let detail = format!("the Celery task expired at {at}");
+        tracing::info!(queue = %env.queue, job_id = %env.job_id, kind = %env.kind, expires = %at, "Celery task expired; not running it");
+        let report = info.report(Outcome::Dead, Duration::ZERO, Some(detail.clone()));
+        let reply = wire.reply(|| {
+            Notice::error(
+                ResultStatus::Revoked,
+                &CeleryException::revoked("expired"),
+                detail.clone(),
+            )
+        });
+        dead_letter(
+            session,
+            incoming,
+            DeadReason::Expired,
+            &detail,
+            None,
+            &[],
+            reply,
+            report,
+        )
+        .await;
+        return false;
+    }
+    if let Some(wait) = task.wait_at(now) {
+        tracing::debug!(job_id = %env.job_id, wait = ?wait, "Celery task not due yet; delaying it to its eta");
+        let report = info.report(Outcome::Deferred, Duration::ZERO, None);
+        defer(session, incoming, wire, env, payload, wait, report).await;
+        return false;
+    }
+    true
 }
 
 /// Publishes with confirm; on failure ends the session and returns false.
@@ -576,7 +810,9 @@ async fn publish(session: &Session, msg: &Outgoing) -> bool {
     }
 }
 
-/// Publishes the dead-letter copy, waits for its confirm, then acks.
+/// Publishes the dead-letter copy, waits for its confirm, tells a Celery
+/// client (`reply`), then acks.
+#[allow(clippy::too_many_arguments)]
 async fn dead_letter(
     session: &Session,
     incoming: &Incoming,
@@ -584,6 +820,7 @@ async fn dead_letter(
     detail: &str,
     body: Option<&[u8]>,
     extra: &[(&'static str, HeaderValue)],
+    reply: Option<(&ReplyTo, Notice)>,
     report: JobReport,
 ) {
     let shared = &session.shared;
@@ -597,8 +834,69 @@ async fn dead_letter(
             .dead_letters_total
             .with_label_values(&[incoming.queue(), reason.as_str()])
             .inc();
-        if ack(session, incoming).await {
-            finish(session, report);
+        settle(session, incoming, reply, report).await;
+    }
+}
+
+/// The key of a failure record that holds the exception reported to Celery.
+const CELERY_EXCEPTION: &str = "celery_exception";
+
+/// The end of a delivery whose outcome is durable: tells a Celery client
+/// (`reply`), then acks and reports.
+async fn settle(
+    session: &Session,
+    incoming: &Incoming,
+    reply: Option<(&ReplyTo, Notice)>,
+    report: JobReport,
+) {
+    if let Some((to, notice)) = reply
+        && !notify(session, to, notice).await
+    {
+        return;
+    }
+    if ack(session, incoming).await {
+        finish(session, report);
+    }
+}
+
+/// Publishes a result message to a Celery client's reply queue, confirmed.
+/// A reply queue that no longer exists (the client went away) drops the
+/// result, as Celery does. A RETRY notice is informative: if it cannot be
+/// sent, the job goes on. Any other failure to send a final state ends the
+/// session like a failed publish: the delivery returns unacked and its
+/// redelivery, finding the outcome recorded, reports it again.
+async fn notify(session: &Session, to: &ReplyTo, notice: Notice) -> bool {
+    let body = celery::result_body(
+        to,
+        notice.status,
+        &notice.result,
+        notice.traceback.as_deref(),
+        now_us(),
+    );
+    let msg = Outgoing::celery_result(to, body);
+    match session.publisher.publish(&msg).await {
+        Ok(took) => {
+            session
+                .shared
+                .metrics
+                .publish_confirm_seconds
+                .observe(took.as_secs_f64());
+            true
+        }
+        Err(PublishError::Unroutable { .. }) => {
+            tracing::info!(task_id = %to.task_id, reply_to = %to.queue, status = notice.status.as_str(), "the Celery client's reply queue is gone; result dropped");
+            true
+        }
+        Err(e) if !notice.status.is_ready() => {
+            tracing::warn!(task_id = %to.task_id, error = %e, "cannot send the RETRY state to the Celery client");
+            true
+        }
+        Err(e) => {
+            session.fail(format!(
+                "cannot send the result of Celery task {} to {}: {e}",
+                to.task_id, to.queue
+            ));
+            false
         }
     }
 }

@@ -89,12 +89,11 @@ pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) 
     }
     let purge = tokio::spawn(purge_expired_keys(shared.clone(), shutdown.clone()));
     let mut backoff = BACKOFF_START;
-    let mut first = true;
+    // Set once a session that was up is lost: the next session to come up
+    // counts as one reconnection, however many attempts it takes.
+    let mut lost = false;
     loop {
-        if !first {
-            shared.metrics.broker_reconnects_total.inc();
-        }
-        match run_session(&shared, &shutdown).await {
+        match run_session(&shared, &shutdown, &mut lost).await {
             Ok(()) => break,
             Err(e) => {
                 shared.readiness.set("broker", false);
@@ -109,11 +108,11 @@ pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) 
                 }
                 // Reset the backoff only after a session that got going.
                 backoff = if matches!(e, SessionError::Lost(_)) {
+                    lost = true;
                     BACKOFF_START
                 } else {
                     (backoff * 2).min(BACKOFF_MAX)
                 };
-                first = false;
             }
         }
     }
@@ -200,6 +199,7 @@ enum SessionError {
 async fn run_session(
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
+    lost: &mut bool,
 ) -> Result<(), SessionError> {
     let name = format!("taskmill worker {}", shared.worker_id);
     let broker = Broker::connect(&shared.config.amqp_url, &name)
@@ -209,17 +209,24 @@ async fn run_session(
     broker.declare_delays().await.map_err(SessionError::Start)?;
     for q in &shared.config.queues {
         let s = shared.config.queue_settings(q);
-        broker
-            .declare(&QueueSpec {
-                name: q.clone(),
-                queue_type: s.queue_type,
-                delivery_limit: shared.config.delivery_limit,
-            })
-            .await
-            .map_err(SessionError::Start)?;
+        let spec = QueueSpec {
+            name: q.clone(),
+            queue_type: s.queue_type,
+            delivery_limit: shared.config.delivery_limit,
+        };
+        // A Celery queue is declared the way Celery declares it.
+        let declared = if shared.config.is_celery_queue(q) {
+            broker.declare_celery(&spec).await
+        } else {
+            broker.declare(&spec).await
+        };
+        declared.map_err(SessionError::Start)?;
     }
     let publisher = broker.publisher().await.map_err(SessionError::Start)?;
     shared.readiness.set("broker", true);
+    if std::mem::take(lost) {
+        shared.metrics.broker_reconnects_total.inc();
+    }
     tracing::info!("connected to the broker");
 
     // Stops the consume loops on shutdown or when the session fails.

@@ -36,6 +36,10 @@ pub enum Command {
     Config(ConfigCommand),
     /// Start a worker in-process, run a mixed workload and print a summary.
     Demo(commands::demo::DemoArgs),
+    /// Measure throughput and latency against the raw broker ceiling.
+    Bench(commands::bench::BenchArgs),
+    /// Inspect, replay and purge dead letters.
+    Dlq(commands::dlq::DlqArgs),
 }
 
 /// `taskmill config ...`.
@@ -53,6 +57,10 @@ pub struct WorkerArgs {
     /// Queue to consume (repeatable; replaces TASKMILL_QUEUES).
     #[arg(long = "queue", value_name = "QUEUE")]
     pub queues: Vec<String>,
+    /// Queue to consume in Celery mode: Celery protocol v2 tasks, results to
+    /// the client's rpc:// backend (repeatable; replaces TASKMILL_CELERY_QUEUES).
+    #[arg(long = "celery-queue", value_name = "QUEUE")]
+    pub celery_queues: Vec<String>,
     /// Address of the /metrics, /healthz, /readyz endpoint.
     #[arg(long, value_name = "ADDR")]
     pub http_addr: Option<SocketAddr>,
@@ -93,6 +101,9 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 fn apply_worker_flags(config: &mut Config, args: &WorkerArgs) {
     if !args.queues.is_empty() {
         config.queues = args.queues.clone();
+    }
+    if !args.celery_queues.is_empty() {
+        config.celery_queues = args.celery_queues.clone();
     }
     if let Some(a) = args.http_addr {
         config.http_addr = a;
@@ -154,12 +165,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         match cli.command {
             Command::Worker(_) => commands::worker::run(config).await,
             Command::Enqueue(args) => commands::enqueue::run(config, args).await,
             Command::Demo(args) => commands::demo::run(config, args).await,
+            Command::Bench(args) => commands::bench::run(config, args).await,
+            Command::Dlq(args) => commands::dlq::run(config, args).await,
             Command::Config(_) => unreachable!("handled above"),
         }
-    })
+    });
+    // Send the last spans before the process exits.
+    taskmill_telemetry::logging::shutdown();
+    result
 }

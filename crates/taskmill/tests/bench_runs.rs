@@ -135,6 +135,38 @@ fn latency_at_a_fixed_rate_has_percentiles_for_both_sides() {
     }
 }
 
+#[test]
+fn all_runs_every_scenario_and_leaves_no_queue_behind() {
+    let out = bench(&[
+        "all",
+        "--jobs",
+        "2000",
+        "--rounds",
+        "1",
+        "--seconds",
+        "1",
+        "--in-flight",
+        "100",
+        "--queue-type",
+        "classic",
+    ]);
+    let names: Vec<&str> = out
+        .iter()
+        .map(|v| v["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["noop", "io", "cpu", "mixed", "latency", "retry", "payload"]
+    );
+    for v in &out {
+        assert_eq!(v["run_id"], out[0]["run_id"], "one run");
+        assert_eq!(v["jobs_not_ok"].as_f64().unwrap_or(0.0), 0.0, "{v:#}");
+    }
+    assert_eq!(out[5]["retries"], out[5]["jobs"], "one retry per job");
+    let left = queues_of_run(out[0]["run_id"].as_str().unwrap());
+    assert!(left.is_empty(), "queues left behind: {left:?}");
+}
+
 /// Names of the queues whose name contains `run_id`, from `rabbitmqctl`
 /// when it is available (empty otherwise).
 fn queues_of_run(run_id: &str) -> Vec<String> {

@@ -64,6 +64,17 @@ async fn wait_depth(broker: &Broker, queue: &str, n: u32, timeout: Duration) -> 
     }
 }
 
+/// Asserts that `queue` settles at `n` ready messages. A quorum queue applies
+/// the returns of a finished scan through Raft a moment after the command
+/// exits, so its ready count can lag briefly; each scan waits for the last.
+async fn settled(broker: &Broker, queue: &str, n: usize) {
+    assert_eq!(
+        wait_depth(broker, queue, n as u32, Duration::from_secs(10)).await,
+        n as u32,
+        "{queue} must hold {n} messages"
+    );
+}
+
 /// `dlq list --json` as parsed lines.
 async fn list_json(queue: &str) -> Vec<serde_json::Value> {
     let out = taskmill(&["dlq", "list", "--queue", queue, "--json"]).await;
@@ -126,6 +137,7 @@ async fn dead_letters_are_listed_shown_replayed_once_and_purged() {
 
     // list: every dead letter, with its reason, nothing removed, stable order.
     let listed = list_json(&queue).await;
+    settled(&broker, &dead, JOBS).await;
     assert_eq!(listed.len(), JOBS, "{listed:?}");
     let listed_ids: HashSet<&str> = listed.iter().map(|e| e["id"].as_str().unwrap()).collect();
     let want_ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
@@ -139,6 +151,7 @@ async fn dead_letters_are_listed_shown_replayed_once_and_purged() {
         assert!(e["age_s"].as_u64().is_some(), "{e}");
     }
     let again = list_json(&queue).await;
+    settled(&broker, &dead, JOBS).await;
     let order = |v: &[serde_json::Value]| -> Vec<String> {
         v.iter()
             .map(|e| e["id"].as_str().unwrap().to_string())
@@ -151,22 +164,24 @@ async fn dead_letters_are_listed_shown_replayed_once_and_purged() {
     );
     let table = taskmill(&["dlq", "list", "--queue", &queue]).await;
     assert_ok(&table, "dlq list");
+    settled(&broker, &dead, JOBS).await;
     let text = stdout(&table);
     assert!(text.starts_with("ID"), "{text}");
     assert_eq!(text.lines().count(), JOBS + 1, "{text}");
     let limited = taskmill(&["dlq", "list", "--queue", &queue, "--json", "--limit", "5"]).await;
     assert_ok(&limited, "dlq list --limit 5");
+    settled(&broker, &dead, JOBS).await;
     assert_eq!(stdout(&limited).lines().count(), 5);
     assert!(
         stderr(&limited).contains("raise --limit"),
         "{}",
         stderr(&limited)
     );
-    assert_eq!(broker.queue_depth(&dead).await.unwrap(), JOBS as u32);
 
     // show: headers and the body, pretty-printed.
     let show = taskmill(&["dlq", "show", &ids[7], "--queue", &queue]).await;
     assert_ok(&show, "dlq show");
+    settled(&broker, &dead, JOBS).await;
     let text = stdout(&show);
     for needle in [
         ids[7].as_str(),
@@ -182,6 +197,7 @@ async fn dead_letters_are_listed_shown_replayed_once_and_purged() {
     // Refusals change nothing.
     let unknown = taskmill(&["dlq", "replay", "--queue", &queue, "--id", "no-such-job"]).await;
     assert!(!unknown.status.success());
+    settled(&broker, &dead, JOBS).await;
     assert!(
         stderr(&unknown).contains("no dead letter with id `no-such-job`"),
         "{}",
@@ -198,6 +214,7 @@ async fn dead_letters_are_listed_shown_replayed_once_and_purged() {
     ])
     .await;
     assert_ok(&other_kind, "dlq replay --kind other.kind");
+    settled(&broker, &dead, JOBS).await;
     assert!(
         stdout(&other_kind).contains("replayed 0"),
         "{}",
@@ -206,7 +223,7 @@ async fn dead_letters_are_listed_shown_replayed_once_and_purged() {
     let purge = taskmill(&["dlq", "purge", "--queue", &queue]).await;
     assert!(!purge.status.success());
     assert!(stderr(&purge).contains("--yes"), "{}", stderr(&purge));
-    assert_eq!(broker.queue_depth(&dead).await.unwrap(), JOBS as u32);
+    settled(&broker, &dead, JOBS).await;
     assert!(runs.lock().unwrap().is_empty());
 
     // Healthy again: replay one by id, then all the rest.
@@ -221,7 +238,7 @@ async fn dead_letters_are_listed_shown_replayed_once_and_purged() {
             .is_some())
         .await
     );
-    assert_eq!(broker.queue_depth(&dead).await.unwrap(), JOBS as u32 - 1);
+    settled(&broker, &dead, JOBS - 1).await;
     let all = taskmill(&["dlq", "replay", "--queue", &queue, "--all"]).await;
     assert_ok(&all, "dlq replay --all");
     assert!(
@@ -273,6 +290,7 @@ async fn dead_letters_are_listed_shown_replayed_once_and_purged() {
     shutdown.cancel();
     handle.wait().await.unwrap();
     common::cleanup(&broker, &queue).await;
+    let _ = std::fs::remove_dir_all(common::data_dir(&queue));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,13 +343,10 @@ async fn replay_into_a_missing_work_queue_fails_and_keeps_the_dead_letter() {
         let err = stderr(&out);
         assert!(err.contains("unroutable"), "{how:?}: {err}");
         assert!(err.contains("stays"), "{how:?}: {err}");
-        assert_eq!(
-            broker.queue_depth(&dead).await.unwrap(),
-            1,
-            "{how:?}: the dead letter stays"
-        );
+        settled(&broker, &dead, 1).await;
     }
     let listed = list_json(&queue).await;
+    settled(&broker, &dead, 1).await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["id"], "gone-1");
     assert_eq!(listed[0]["reason"], "timeout");
@@ -389,6 +404,7 @@ async fn broker_dead_letters_with_x_death_are_listed_and_replayed_clean() {
     }
 
     let listed = list_json(&queue).await;
+    settled(&broker, &dead, 1).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     let e = &listed[0];
     assert_eq!(e["id"], "xd-1");
@@ -400,6 +416,7 @@ async fn broker_dead_letters_with_x_death_are_listed_and_replayed_clean() {
 
     let show = taskmill(&["dlq", "show", "xd-1", "--queue", &queue]).await;
     assert_ok(&show, "dlq show");
+    settled(&broker, &dead, 1).await;
     let text = stdout(&show);
     assert!(text.contains("x-death:"), "{text}");
     assert!(text.contains("reason=delivery_limit"), "{text}");

@@ -1,0 +1,236 @@
+//! `taskmill bench`: throughput, latency and memory against the raw broker
+//! ceiling, measured in the same run.
+//!
+//! Every scenario uses fresh queues with unique names (deleted at the end,
+//! also on error or Ctrl-C), warms up, then measures. Each figure is shown
+//! next to the ceiling, the same number of same-size messages moved by a
+//! bare lapin loop in this process ([`taskmill_broker::ceiling`]), so a
+//! ratio holds on a noisy machine. See `docs/benchmarks.md`.
+//!
+//! Layout:
+//! - [`harness`]: queues, the in-process worker and its tally, timed enqueues,
+//!   memory readings.
+//! - one file per scenario: [`noop`], [`io`], [`cpu`], [`mixed`],
+//!   [`latency`], [`retry`], [`payload`]; [`rss`] is the worker-process
+//!   memory probe used by `io`.
+//! - [`report`]: rows, targets, the table.
+//!
+//! Output: the human table on stdout; with `--json`, one JSON object per
+//! scenario per line on stdout and the table on stderr. Progress goes to
+//! stderr.
+
+mod cpu;
+mod harness;
+mod io;
+mod latency;
+mod mixed;
+mod noop;
+mod payload;
+mod report;
+mod retry;
+mod rss;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+use taskmill_core::config::{Config, QueueType};
+
+use harness::{Bench, Memory};
+use report::ScenarioReport;
+
+/// A benchmark scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// No-op jobs (1 KB): publish, drain and overlapped rates vs the ceiling.
+    Noop,
+    /// `io.sleep` 100 ms jobs, 1 000 at once: drain time vs the ideal; worker
+    /// memory idle and with `--in-flight` jobs running.
+    Io,
+    /// `cpu.hash` jobs through the worker's process pool: drain time vs the
+    /// same hashing done in-process on as many threads.
+    Cpu,
+    /// `io` and `cpu` loads at once in one worker: each kind's drain time
+    /// together vs alone.
+    Mixed,
+    /// Open-loop load at 10/50/80 % of the noop drain rate: enqueue-to-start
+    /// latency percentiles.
+    Latency,
+    /// Jobs failing once with a retryable error: time to all succeeded vs
+    /// one backoff plus twice the noop drain time.
+    Retry,
+    /// 64 KiB and 1 MiB payloads: MB/s vs the ceiling.
+    Payload,
+    /// Every scenario above, in that order.
+    All,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Noop => "noop",
+            Scenario::Io => "io",
+            Scenario::Cpu => "cpu",
+            Scenario::Mixed => "mixed",
+            Scenario::Latency => "latency",
+            Scenario::Retry => "retry",
+            Scenario::Payload => "payload",
+            Scenario::All => "all",
+        }
+    }
+}
+
+/// Arguments of `taskmill bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Scenario to run.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Jobs: noop 200 000, io 20 000, cpu 2 000, mixed 10 000 IO (and a
+    /// tenth as many CPU), retry 5 000, payload 2 000 (64 KiB; 1 MiB gets a
+    /// tenth). With `all`, the noop count; io gets a tenth of it, mixed a
+    /// twentieth, retry a fortieth, cpu and payload a hundredth (1 MiB a
+    /// thousandth).
+    #[arg(long)]
+    pub jobs: Option<u64>,
+    /// Type of every queue the run declares, taskmill's and the ceiling's.
+    #[arg(long, default_value = "quorum")]
+    pub queue_type: QueueType,
+    /// Print one JSON object per scenario on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// latency: one fixed rate in jobs/s instead of 10/50/80 % of the noop
+    /// drain rate.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// latency: seconds of load per rate.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Measurement rounds of noop, io and payload; the sides alternate which
+    /// goes first and the best round of each side counts (noise only ever
+    /// slows a run down).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// io: jobs held in flight at once when the worker's memory is read.
+    #[arg(long, default_value_t = 10_000)]
+    pub in_flight: u16,
+}
+
+impl BenchArgs {
+    fn jobs_for(&self, s: Scenario, all: bool) -> (u64, u64) {
+        match (s, all, self.jobs) {
+            (Scenario::Noop, _, j) => (j.unwrap_or(noop::DEFAULT_JOBS), 0),
+            (Scenario::Io, true, Some(j)) => ((j / 10).max(100), 0),
+            (Scenario::Io, _, j) => (j.unwrap_or(io::DEFAULT_JOBS), 0),
+            (Scenario::Cpu, true, Some(j)) => ((j / 100).max(20), 0),
+            (Scenario::Cpu, _, j) => (j.unwrap_or(cpu::DEFAULT_JOBS), 0),
+            (Scenario::Mixed, true, Some(j)) => ((j / 20).max(100), (j / 200).max(10)),
+            (Scenario::Mixed, _, j) => {
+                let n = j.unwrap_or(io::DEFAULT_JOBS / 2);
+                (n, (n / 10).max(10))
+            }
+            (Scenario::Retry, true, Some(j)) => ((j / 40).max(100), 0),
+            (Scenario::Retry, _, j) => (j.unwrap_or(retry::DEFAULT_JOBS), 0),
+            (Scenario::Payload, true, Some(j)) => ((j / 100).max(20), (j / 1_000).max(5)),
+            (Scenario::Payload, _, j) => {
+                let n = j.unwrap_or(payload::DEFAULT_JOBS);
+                (n, (n / 10).max(5))
+            }
+            // Jobs of the quick noop drain measurement, when none ran before.
+            (Scenario::Latency | Scenario::All, _, j) => (j.unwrap_or(io::DEFAULT_JOBS), 0),
+        }
+    }
+}
+
+/// Runs the scenario(s), prints the results; fails if a scenario failed.
+pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.jobs != Some(0), "--jobs must be at least 1");
+    anyhow::ensure!(args.in_flight > 0, "--in-flight must be at least 1");
+    anyhow::ensure!(
+        (1..=100).contains(&args.rounds),
+        "--rounds must be in 1..=100"
+    );
+    let broker = taskmill_core::redact::redact_url(&config.amqp_url);
+    let b = Bench::new(config, args.queue_type).await?;
+    let all = args.scenario == Scenario::All;
+    let list = if all {
+        vec![
+            Scenario::Noop,
+            Scenario::Io,
+            Scenario::Cpu,
+            Scenario::Mixed,
+            Scenario::Latency,
+            Scenario::Retry,
+            Scenario::Payload,
+        ]
+    } else {
+        vec![args.scenario]
+    };
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut reports: Vec<ScenarioReport> = Vec::new();
+    let work = async {
+        for s in list {
+            let started = Instant::now();
+            let result = run_one(&b, s, &args, all).await;
+            b.cleanup().await;
+            let mut report = result.map_err(|e| e.context(format!("scenario {}", s.name())))?;
+            let mut obj = json!({
+                "scenario": s.name(),
+                "queue_type": args.queue_type.as_str(),
+                "run_id": b.run_id,
+                "taskmill_version": env!("CARGO_PKG_VERSION"),
+                "cores": cores,
+                "elapsed_s": started.elapsed().as_secs_f64(),
+                "process_memory": Memory::of_self(),
+                "targets": report.targets_json(),
+            });
+            if let (Some(o), Value::Object(extra)) = (obj.as_object_mut(), report.json.take()) {
+                o.extend(extra);
+            }
+            if args.json {
+                println!("{obj}");
+            }
+            reports.push(report);
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    let outcome = tokio::select! {
+        r = work => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    // Again, for a run cut short by Ctrl-C; and the run's CPU queue.
+    b.finish().await;
+    let peak = harness::mb(Memory::of_self().peak_rss_bytes);
+    let header = format!(
+        "taskmill bench: {} queues, broker {broker}, {cores} cores, peak RSS of this process {peak:.1} MB",
+        args.queue_type.as_str()
+    );
+    let table = report::table(&header, &reports);
+    if args.json {
+        eprint!("{table}");
+    } else {
+        print!("{table}");
+    }
+    outcome?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_one(
+    b: &Bench,
+    s: Scenario,
+    args: &BenchArgs,
+    all: bool,
+) -> anyhow::Result<ScenarioReport> {
+    let (n, m) = args.jobs_for(s, all);
+    match s {
+        Scenario::Noop => noop::run(b, n, args.rounds).await,
+        Scenario::Io => io::run(b, n, args.rounds, args.in_flight).await,
+        Scenario::Cpu => cpu::run(b, n, args.rounds).await,
+        Scenario::Mixed => mixed::run(b, n, m, args.rounds).await,
+        Scenario::Latency => latency::run(b, args.rate, args.seconds, n).await,
+        Scenario::Retry => retry::run(b, n, args.rounds).await,
+        Scenario::Payload => payload::run(b, n, m, args.rounds).await,
+        Scenario::All => unreachable!("expanded by run"),
+    }
+}
