@@ -185,7 +185,7 @@ pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
                     Notice::error(ResultStatus::Failure, &exc, e.to_string()),
                 )
             });
-            dead_letter(
+            Box::pin(dead_letter(
                 session,
                 &incoming,
                 e.reason,
@@ -194,7 +194,7 @@ pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
                 &[],
                 reply,
                 report,
-            )
+            ))
             .instrument(span)
             .await;
             return;
@@ -228,7 +228,14 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
         queue_wait,
         span,
     };
-    if !celery_gate(session, &incoming, &wire, &env, &payload, &info).await {
+    // Cold paths are boxed (here and below) so the per-job future that
+    // every in-flight job keeps in memory stays small.
+    if matches!(wire, Wire::Celery(_))
+        && !Box::pin(celery_gate(
+            session, &incoming, &wire, &env, &payload, &info,
+        ))
+        .await
+    {
         return;
     }
     let Some(handler) = shared.handlers.get(&env.kind).cloned() else {
@@ -240,7 +247,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
                 CeleryException::from_refusal(DeadReason::UnknownKind, &detail, Some(&env.kind));
             Notice::error(ResultStatus::Failure, &exc, detail.clone())
         });
-        dead_letter(
+        Box::pin(dead_letter(
             session,
             &incoming,
             DeadReason::UnknownKind,
@@ -249,7 +256,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
             &[],
             reply,
             report,
-        )
+        ))
         .await;
         return;
     };
@@ -274,7 +281,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
     let token = match key {
         None => None,
         Some(key) => {
-            match claim(
+            match Box::pin(claim(
                 session,
                 &incoming,
                 &wire,
@@ -283,7 +290,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
                 &key,
                 timeout + LEASE_MARGIN,
                 &info,
-            )
+            ))
             .await
             {
                 Some(t) => Some(t),
@@ -306,7 +313,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
         let traceparent = traceparent_of(&run_span)
             .map(|(tp, _)| tp)
             .or_else(|| env.traceparent.clone());
-        run(
+        Box::pin(run(
             session,
             &handler,
             &env,
@@ -314,7 +321,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
             timeout,
             token.as_ref(),
             traceparent,
-        )
+        ))
         .instrument(run_span)
         .await
     };
@@ -329,7 +336,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
         Ok(done) => {
             if let Some(t) = &token
                 && !done.committed
-                && !complete(session, t, &done.value).await
+                && !Box::pin(complete(session, t, &done.value)).await
             {
                 {
                     // The effect happened but its completion is not recorded:
@@ -340,7 +347,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
                         run_time,
                         Some("completion not recorded".into()),
                     );
-                    defer(
+                    Box::pin(defer(
                         session,
                         &incoming,
                         &wire,
@@ -348,7 +355,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
                         &payload,
                         STORE_RETRY_DELAY,
                         report,
-                    )
+                    ))
                     .await;
                     return;
                 }
@@ -389,9 +396,9 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
                     let exc = CeleryException::from_job_error(&err);
                     Notice::error(ResultStatus::Retry, &exc, err.to_string())
                 });
-                republish(
+                Box::pin(republish(
                     session, &incoming, &wire, next, &payload, delay, reply, report,
-                )
+                ))
                 .await;
             } else {
                 let reason = if err.is_retryable() {
@@ -429,7 +436,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
                         format!("{}: {detail}", reason.as_str()),
                     )
                 });
-                dead_letter(
+                Box::pin(dead_letter(
                     session,
                     &incoming,
                     reason,
@@ -438,7 +445,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
                     &extra,
                     reply,
                     report,
-                )
+                ))
                 .await;
             }
         }
