@@ -16,7 +16,8 @@ use crate::stats::{ms, quantile};
 /// Arguments of `taskmill demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Number of jobs (2/3 `noop`, 1/3 `io.sleep` of 5 to 50 ms).
+    /// Number of jobs: 1/10 `cpu.hash` (in CPU worker processes), the rest
+    /// 2/3 `noop` and 1/3 `io.sleep` of 5 to 50 ms.
     #[arg(long, default_value_t = 3_000)]
     pub jobs: u64,
     /// Queue used by the demo (deleted afterwards).
@@ -27,6 +28,9 @@ pub struct DemoArgs {
 /// Runs the demo and prints the summary.
 pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
     config.queues = vec![args.queue.clone()];
+    // CPU jobs go to their own queue, taken only as fast as the pool runs them.
+    let cpu_queue = format!("{}-cpu", args.queue);
+    config.cpu_queue = cpu_queue.clone();
     config.http_addr = "127.0.0.1:0".parse().expect("valid address");
     config.concurrency = 200;
     config.shutdown_grace_ms = 5_000;
@@ -62,6 +66,10 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<ExitCode>
     );
     let start = Instant::now();
     let jobs = (0..args.jobs).map(|n| {
+        if n % 10 == 9 {
+            // ~1 ms of SHA-256 in a CPU worker process.
+            return NewJob::raw("cpu.hash", b"{\"rounds\": 2000}".to_vec()).queue(&cpu_queue);
+        }
         let job = if n % 3 == 2 {
             NewJob::raw(
                 "io.sleep",
@@ -87,10 +95,12 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<ExitCode>
     shutdown.cancel();
     handle.wait().await?;
     let broker = client.broker().await?;
-    let _ = broker.delete_queue(&args.queue).await;
-    let _ = broker
-        .delete_queue(&taskmill_core::wire::dead_queue_name(&args.queue))
-        .await;
+    for q in [&args.queue, &cpu_queue] {
+        let _ = broker.delete_queue(q).await;
+        let _ = broker
+            .delete_queue(&taskmill_core::wire::dead_queue_name(q))
+            .await;
+    }
     client.close().await;
 
     let reports = reports.lock().unwrap_or_else(|e| e.into_inner());
