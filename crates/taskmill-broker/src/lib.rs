@@ -3,12 +3,15 @@
 //! Layout:
 //! - [`connection`]: [`Broker`], one AMQP connection, and the channels made from it.
 //! - [`topology`]: declaring the `taskmill` exchange, work queues, their
-//!   dead-letter queues and bindings (idempotent).
+//!   dead-letter queues and bindings, the delay ladder, and Celery queues
+//!   the way kombu declares them (all idempotent).
 //! - [`publisher`]: [`Publisher`], a confirm-mode channel; a publish is done only
 //!   when the broker confirmed it, and an unroutable or nacked publish is an error.
 //! - [`consumer`]: [`Consumer`] and [`Incoming`], a delivery with ack/nack and
 //!   decoding into a [`taskmill_core::Envelope`].
 //! - [`convert`]: protocol headers <-> AMQP field tables.
+//! - [`browse`]: reading a queue without consuming it (dead-letter tooling).
+//! - [`ceiling`]: bare publish/consume loops, the benchmark's reference.
 //!
 //! Nothing here knows about handlers: the worker decides, this crate carries out.
 

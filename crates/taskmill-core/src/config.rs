@@ -126,7 +126,7 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long in-flight jobs may run before the rest is
     /// left to the broker for redelivery.
     pub shutdown_grace_ms: u64,
-    /// Default hard timeout of one attempt of an IO job.
+    /// Default hard timeout of one attempt of a job (IO or CPU kind).
     pub job_timeout_ms: u64,
     /// Attempts in all for a job whose errors are retryable (first included).
     pub max_attempts: u32,
@@ -171,7 +171,8 @@ pub struct Config {
     /// Address-space limit (RLIMIT_AS) of each CPU worker process in MiB; an
     /// allocation beyond it fails inside the job (0: no limit).
     pub cpu_address_space_mb: u64,
-    /// Enables the diagnostic kinds (`test.fail`, `test.effect`, `test.crash`,
+    /// Enables the diagnostic kinds (`test.fail`, `test.cpu_fail`, `test.effect`,
+    /// `test.crash`, `test.panic`,
     /// `test.spin`) used by smoke tests; off in production.
     pub diagnostic_kinds: bool,
     /// Name of this worker in logs and dead-letter headers; default host-pid.
@@ -329,6 +330,14 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
     }),
     ("TASKMILL_BACKOFF_BASE_MS", |c, v| {
         c.backoff_base_ms = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_BACKOFF_FACTOR", |c, v| {
+        c.backoff_factor = parse(v)?;
+        Ok(())
+    }),
+    ("TASKMILL_JITTER", |c, v| {
+        c.jitter = v.parse()?;
         Ok(())
     }),
     ("TASKMILL_BACKOFF_MAX_MS", |c, v| {

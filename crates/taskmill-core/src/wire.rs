@@ -496,7 +496,9 @@ impl Envelope {
             None => None,
             Some(v) => u64::try_from(int_header(H_FIRST_FAILED_AT_MS, v)?).ok(),
         };
-        let replay = header(H_REPLAY).is_some();
+        let replay = matches!(header(H_REPLAY), Some(HeaderValue::Bool(true)))
+            || matches!(header(H_REPLAY), Some(HeaderValue::Int(n)) if n != 0)
+            || matches!(header(H_REPLAY), Some(HeaderValue::Str(s)) if s == "true");
         Ok(Envelope {
             job_id,
             kind,

@@ -637,6 +637,9 @@ fn cpu_error(e: CpuError) -> JobError {
             retry_after: retry_after_ms.map(Duration::from_millis),
         },
         CpuError::Handler(HandlerError::Permanent { message }) => JobError::Permanent { message },
+        e @ CpuError::PayloadTooLarge { .. } => JobError::Permanent {
+            message: e.to_string(),
+        },
         other => JobError::Crashed {
             cause: other.to_string(),
         },
