@@ -1,4 +1,5 @@
-//! Every `taskmill_*` metric, registered in one registry.
+//! The worker's `taskmill_*` metrics, registered in one registry (the CPU
+//! pool's gauges and restart counter are added to it by `taskmill-worker`).
 //!
 //! Labels are bounded: queue, kind (kinds not registered are folded into
 //! [`UNKNOWN_KIND`]), outcome, reason, class. Never a job id or key.

@@ -5,7 +5,6 @@
 //! | `noop` | any JSON | nothing; for throughput tests |
 //! | `io.sleep` | `{"ms": N}` | waits N ms without blocking the runtime |
 //! | `io.http_get` | `{"url": "http://...", "timeout_ms": N}` | GETs the URL; result `{"status", "bytes"}` |
-//!
 //! | `cpu.hash` | `{"rounds": N}` | SHA-256 chain of N rounds in a CPU worker process (sequential work of known cost) |
 //! | `cpu.primes` | `{"limit": N}` | counts primes below N with rayon, in a CPU worker process |
 //!

@@ -1,10 +1,12 @@
-//! The `taskmill` command: `worker`, `enqueue`, `config`, `demo`, and the
-//! built-in job kinds. Logic that other programs could reuse lives in the
+//! The `taskmill` command: `worker`, `enqueue`, `config`, `demo`, `dlq`,
+//! `bench`, and the built-in job kinds. Logic that other programs could reuse lives in the
 //! library crates; this crate wires them.
 //!
 //! Layout:
 //! - [`cli`]: argument parsing and config loading (file < env < flags).
-//! - [`kinds`]: built-in kinds (`noop`, `io.sleep`, `io.http_get`).
+//! - [`kinds`]: built-in kinds (`noop`, `io.sleep`, `io.http_get`, `cpu.hash`,
+//!   `cpu.primes`) and the diagnostic kinds.
+//! - [`stats`]: percentiles for summaries.
 //! - [`commands`]: one module per subcommand.
 
 pub mod cli;

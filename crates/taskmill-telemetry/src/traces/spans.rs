@@ -48,7 +48,8 @@ pub mod attr {
     pub const QUEUE: &str = "taskmill.queue";
     /// 1-based attempt number.
     pub const ATTEMPT: &str = "taskmill.attempt";
-    /// The outcome (`ok`, `retry`, `dead`, `skipped`, ...), set when known.
+    /// The outcome (`ok`, `retried`, `dead`, `duplicate`, `deferred`, `timeout`,
+    /// `crashed`; `error` on a CPU run), set when known.
     pub const OUTCOME: &str = "taskmill.outcome";
     /// The child's process id (CPU run).
     pub const PID: &str = "process.pid";
