@@ -104,32 +104,13 @@ fn url_encode(s: &str) -> String {
         .collect()
 }
 
-/// A plain HTTP/1.0 GET (so the body is never chunked); (status, body).
-async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await?;
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// The value of an instant-vector query with at most one series; `None`
 /// while Prometheus has no sample (or is not up yet).
 async fn query(prom: SocketAddr, promql: &str) -> Option<f64> {
-    let (status, body) = get(prom, &format!("/api/v1/query?query={}", url_encode(promql)))
-        .await
-        .ok()?;
+    let (status, body) =
+        common::http_get(prom, &format!("/api/v1/query?query={}", url_encode(promql)))
+            .await
+            .ok()?;
     if status != 200 {
         return None;
     }
