@@ -89,10 +89,23 @@ impl SqliteStore {
         } else {
             pool_opts.max_connections(options.max_connections.unwrap_or(4).max(1))
         };
-        let pool = pool_opts
-            .connect_with(opts)
-            .await
-            .map_err(StoreError::db("connect"))?;
+        // Opening a fresh file runs `PRAGMA journal_mode = WAL`, which needs an exclusive
+        // lock. When several processes open the same new file at once, SQLite can answer
+        // that pragma with SQLITE_BUSY without consulting the busy handler, so the wait is
+        // done here, bounded by the same busy timeout.
+        let deadline = tokio::time::Instant::now() + options.sqlite_busy_timeout;
+        let mut pause = Duration::from_millis(5);
+        let pool = loop {
+            match pool_opts.clone().connect_with(opts.clone()).await {
+                Ok(pool) => break pool,
+                Err(e) if is_busy(&e) && tokio::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(url = %redacted, "sqlite file busy while opening; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                Err(e) => return Err(StoreError::db("connect")(e)),
+            }
+        };
         let store = SqliteStore::with_pool(pool).await?;
         tracing::info!(url = %redacted, "sqlite store ready");
         Ok(store)
@@ -125,6 +138,18 @@ impl SqliteStore {
     /// completion (and for tests).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+}
+
+/// SQLITE_BUSY and its extended codes (BUSY_RECOVERY, BUSY_SNAPSHOT, BUSY_TIMEOUT).
+fn is_busy(e: &sqlx::Error) -> bool {
+    const SQLITE_BUSY: i32 = 5;
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| c & 0xff == SQLITE_BUSY),
+        _ => false,
     }
 }
 
