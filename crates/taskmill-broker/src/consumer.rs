@@ -1,10 +1,10 @@
 //! Consuming with manual acks and a prefetch limit.
 
+use std::sync::Arc;
+
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use taskmill_core::wire::{
     EXCHANGE, H_DEAD_AT_MS, H_DEAD_ERROR, H_DEAD_QUEUE, H_DEAD_REASON, H_DEAD_WORKER, Properties,
@@ -14,17 +14,19 @@ use taskmill_core::{DeadReason, DecodeError, Envelope};
 
 use taskmill_core::celery::{self, CeleryProperties, CeleryTask, ReplyTo};
 
+use crate::acks::AckBatch;
 use crate::connection::{Broker, BrokerError};
 use crate::convert::{self, CeleryHeaders};
 use crate::publisher::Outgoing;
 
 /// A consumer on its own channel. Deliveries not acked when the channel closes
-/// return to the queue.
+/// return to the queue. Acks are coalesced (see [`crate::acks`]).
 pub struct Consumer {
     channel: lapin::Channel,
     inner: lapin::Consumer,
     queue: String,
     tag: String,
+    acks: Arc<AckBatch>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -58,11 +60,13 @@ impl Broker {
             )
             .await
             .map_err(BrokerError::op(format!("basic.consume {queue}")))?;
+        let acks = AckBatch::start(channel.clone());
         Ok(Consumer {
             channel,
             inner,
             queue: queue.to_string(),
             tag: tag.to_string(),
+            acks,
         })
     }
 }
@@ -73,11 +77,15 @@ impl Consumer {
     pub async fn next(&mut self) -> Option<Result<Incoming, BrokerError>> {
         let item = self.inner.next().await?;
         Some(
-            item.map(|delivery| Incoming {
-                delivery,
-                queue: self.queue.clone(),
+            item.map(|delivery| {
+                self.acks.received(delivery.delivery_tag);
+                Incoming {
+                    delivery,
+                    queue: self.queue.clone(),
+                    acks: self.acks.clone(),
+                }
             })
-            .map_err(BrokerError::op(format!("consume {}", self.queue))),
+            .map_err(|e| BrokerError::op(format!("consume {}", self.queue))(e)),
         )
     }
 
@@ -90,8 +98,12 @@ impl Consumer {
             .map_err(BrokerError::op(format!("basic.cancel {}", self.queue)))
     }
 
-    /// Closes the channel: every unacknowledged delivery returns to the queue.
+    /// Sends the acks recorded so far, then closes the channel: every
+    /// delivery not acked returns to the queue.
     pub async fn close(&self) {
+        if let Err(e) = self.acks.close().await {
+            tracing::warn!(queue = %self.queue, error = %e, "last acks not sent; the broker will redeliver those messages");
+        }
         if self.channel.status().connected() {
             let _ = self.channel.close(200, "closing".into()).await;
         }
@@ -135,6 +147,7 @@ fn without_expiration(p: &lapin::BasicProperties) -> lapin::BasicProperties {
 pub struct Incoming {
     delivery: Delivery,
     queue: String,
+    acks: Arc<AckBatch>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -294,19 +307,18 @@ impl Incoming {
         }
     }
 
-    /// Acknowledges the delivery: the broker forgets the message.
+    /// Acknowledges the delivery: the broker forgets the message. The ack is
+    /// coalesced with others of the same channel and leaves within one
+    /// scheduler pass (see [`crate::acks`]); it fails at once when the
+    /// channel is already closed.
     pub async fn ack(&self) -> Result<(), BrokerError> {
-        self.delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(BrokerError::op("basic.ack"))
+        self.acks.ack(self.delivery.delivery_tag)
     }
 
     /// Returns the delivery to its queue for another consumer.
     pub async fn requeue(&self) -> Result<(), BrokerError> {
-        self.delivery
+        let res = self
+            .delivery
             .acker
             .nack(BasicNackOptions {
                 requeue: true,
@@ -314,7 +326,10 @@ impl Incoming {
             })
             .await
             .map(|_| ())
-            .map_err(BrokerError::op("basic.nack"))
+            .map_err(BrokerError::op("basic.nack"));
+        // Sent (or the channel is gone): a later multiple ack may pass over it.
+        self.acks.settled(self.delivery.delivery_tag);
+        res
     }
 }
 

@@ -15,6 +15,7 @@
 //!
 //! Nothing here knows about handlers: the worker decides, this crate carries out.
 
+pub(crate) mod acks;
 pub mod browse;
 pub mod ceiling;
 pub mod connection;
