@@ -49,23 +49,39 @@ pub struct Outgoing {
     pub(crate) body: Vec<u8>,
 }
 
+/// The AMQP properties of a taskmill job (protocol v1).
+fn job_properties(env: &Envelope) -> BasicProperties {
+    let properties = BasicProperties::default()
+        .with_message_id(env.job_id.as_str().into())
+        .with_content_type(CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_headers(convert::table(&env.headers()));
+    match env.enqueued_at_us {
+        Some(us) => properties.with_timestamp(us / 1_000_000),
+        None => properties,
+    }
+}
+
 impl Outgoing {
     /// A job, per protocol v1: to exchange `taskmill`, routed by its queue.
     pub fn job(env: &Envelope) -> Outgoing {
-        let timestamp = env.enqueued_at_us.map(|us| us / 1_000_000);
-        let mut properties = BasicProperties::default()
-            .with_message_id(env.job_id.as_str().into())
-            .with_content_type(CONTENT_TYPE.into())
-            .with_delivery_mode(2)
-            .with_headers(convert::table(&env.headers()));
-        if let Some(ts) = timestamp {
-            properties = properties.with_timestamp(ts);
-        }
         Outgoing {
             exchange: EXCHANGE.to_string(),
             routing_key: env.queue.clone(),
-            properties,
+            properties: job_properties(env),
             body: env.payload.clone(),
+        }
+    }
+
+    /// [`Outgoing::job`] taking the envelope, so its payload and queue name
+    /// move into the message instead of being copied.
+    pub fn job_owned(env: Envelope) -> Outgoing {
+        let properties = job_properties(&env);
+        Outgoing {
+            exchange: EXCHANGE.to_string(),
+            routing_key: env.queue,
+            properties,
+            body: env.payload,
         }
     }
 
@@ -217,10 +233,7 @@ impl Publisher {
                 msg.properties.clone(),
             )
             .await
-            .map_err(BrokerError::op(format!(
-                "basic.publish to {}",
-                msg.routing_key
-            )))?;
+            .map_err(|e| BrokerError::op(format!("basic.publish to {}", msg.routing_key))(e))?;
         Ok(PendingConfirm {
             confirm,
             exchange: msg.exchange.clone(),

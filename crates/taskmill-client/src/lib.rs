@@ -82,12 +82,16 @@ pub enum EnqueueError {
 pub struct NewJob {
     env: Envelope,
     delay: Duration,
+    /// The payload came from `serde_json` (no need to parse it again).
+    json_checked: bool,
 }
 
 impl NewJob {
     /// A job of `kind` with a serializable payload, for queue `default`.
     pub fn new(kind: &str, payload: &impl Serialize) -> Result<NewJob, EnqueueError> {
-        Ok(NewJob::raw(kind, serde_json::to_vec(payload)?))
+        let mut job = NewJob::raw(kind, serde_json::to_vec(payload)?);
+        job.json_checked = true;
+        Ok(job)
     }
 
     /// A job whose payload is already JSON bytes (checked at enqueue).
@@ -95,6 +99,7 @@ impl NewJob {
         NewJob {
             env: Envelope::new(kind, DEFAULT_QUEUE, payload_json),
             delay: Duration::ZERO,
+            json_checked: false,
         }
     }
 
@@ -231,12 +236,21 @@ impl Client {
         span
     }
 
-    async fn prepare(&self, job: &NewJob, conn: &Conn) -> Result<Outgoing, EnqueueError> {
-        let mut env = job.env.clone();
-        env.validate(self.max_payload_bytes)?;
-        if job.delay.is_zero() {
-            return Ok(Outgoing::job(&env));
+    fn check(&self, job: &NewJob) -> Result<(), EnqueueError> {
+        if job.json_checked {
+            job.env.validate_except_json(self.max_payload_bytes)?;
+        } else {
+            job.env.validate(self.max_payload_bytes)?;
         }
+        Ok(())
+    }
+
+    async fn prepare(&self, job: &NewJob, conn: &Conn) -> Result<Outgoing, EnqueueError> {
+        self.check(job)?;
+        if job.delay.is_zero() {
+            return Ok(Outgoing::job(&job.env));
+        }
+        let mut env = job.env.clone();
         self.delays_declared
             .get_or_try_init(|| async { conn.broker.declare_delays().await })
             .await?;
@@ -302,11 +316,20 @@ impl Client {
             // One producer span per job, covering its publish (the confirms
             // are pipelined, so the span does not wait for its own).
             let span = Self::span(&mut job);
-            let msg = self
-                .prepare(&job, &conn)
-                .instrument(span.clone())
-                .await
-                .map_err(|e| fail(index, confirmed, e))?;
+            let msg = if job.delay.is_zero() {
+                // The common case without a copy of the payload.
+                self.check(&job).map_err(|e| fail(index, confirmed, e))?;
+                ids.push(job.env.job_id.clone());
+                Outgoing::job_owned(job.env)
+            } else {
+                let msg = self
+                    .prepare(&job, &conn)
+                    .instrument(span.clone())
+                    .await
+                    .map_err(|e| fail(index, confirmed, e))?;
+                ids.push(job.env.job_id);
+                msg
+            };
             if pending.len() == PIPELINE_WINDOW {
                 let p: taskmill_broker::PendingConfirm =
                     pending.pop_front().expect("window is full");
@@ -322,7 +345,6 @@ impl Client {
                 .await
                 .map_err(|e| fail(index, confirmed, e.into()))?;
             pending.push_back(p);
-            ids.push(job.env.job_id);
         }
         while let Some(p) = pending.pop_front() {
             p.wait()
