@@ -368,13 +368,20 @@ pub enum PoolError {
     NestedPool,
 }
 
+/// Payloads up to this size are copied behind the frame header so a request
+/// costs one `write`; larger ones are written from their own buffer. 64 KiB
+/// is the default pipe buffer: a bigger write would block part-way anyway.
+const INLINE_PAYLOAD_MAX: usize = 64 * 1024;
+
 type Reply = oneshot::Sender<Result<Vec<u8>, CpuError>>;
 type SpawnReply = oneshot::Sender<io::Result<Child>>;
 
 /// A job on its way to a child.
 struct Job {
-    /// Length prefix + header frame part, encoded by the caller.
+    /// Length prefix + header frame part, encoded by the caller, followed by
+    /// the payload when it is small.
     prefix: Vec<u8>,
+    /// The payload when it is too large to inline in `prefix`, else empty.
     payload: Bytes,
     timeout: Duration,
     reply: Reply,
@@ -1210,21 +1217,32 @@ impl CpuPool {
             traceparent: req.traceparent,
         };
         let max = shared.cfg.max_frame_bytes;
-        let prefix = frame::encode_request_prefix(&header, req.payload.len(), max).map_err(
-            |err| match err {
-                FrameError::TooLarge { .. } => CpuError::PayloadTooLarge {
-                    size: req.payload.len(),
-                    max,
-                },
-                other => CpuError::Protocol {
-                    message: other.to_string(),
-                },
-            },
-        )?;
+        // A small payload goes into the same buffer as the frame header, so
+        // the supervisor sends the whole request with one write; a large one
+        // is written straight from its `Bytes` afterwards instead of copied.
+        let inline = req.payload.len() <= INLINE_PAYLOAD_MAX;
+        let extra = if inline { req.payload.len() } else { 0 };
+        let mut prefix =
+            frame::encode_request_prefix_with_capacity(&header, req.payload.len(), max, extra)
+                .map_err(|err| match err {
+                    FrameError::TooLarge { .. } => CpuError::PayloadTooLarge {
+                        size: req.payload.len(),
+                        max,
+                    },
+                    other => CpuError::Protocol {
+                        message: other.to_string(),
+                    },
+                })?;
+        let payload = if inline {
+            prefix.extend_from_slice(&req.payload);
+            Bytes::new()
+        } else {
+            req.payload
+        };
         let (reply, answer) = oneshot::channel();
         let job = Job {
             prefix,
-            payload: req.payload,
+            payload,
             timeout: req.timeout,
             reply,
             redelivered: false,
