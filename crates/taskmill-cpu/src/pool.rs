@@ -1327,20 +1327,36 @@ impl CpuPool {
 /// encode, hand-off to an idle child, pipe write, child dispatch, response):
 /// the fixed cost a CPU job pays on top of its own work. For the benchmark
 /// tool; not a test.
+///
+/// The calls are made from a task spawned on the current runtime, as the
+/// worker runs each job in its own task. Called straight from `block_on`,
+/// every answer would also have to wake the thread blocked outside the
+/// runtime, a cost no job in a worker pays.
 pub async fn measure_handoff(pool: &CpuPool, n: usize) -> Result<Vec<Duration>, CpuError> {
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let req = CpuRequest::new(
-            format!("handoff-{i}"),
-            NOOP_KIND,
-            Bytes::new(),
-            Duration::from_secs(10),
-        );
-        let started = std::time::Instant::now();
-        pool.run(req).await?;
-        samples.push(started.elapsed());
+    let pool = pool.clone();
+    let timed = tokio::spawn(async move {
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..n {
+            let req = CpuRequest::new(
+                format!("handoff-{i}"),
+                NOOP_KIND,
+                Bytes::new(),
+                Duration::from_secs(10),
+            );
+            let started = std::time::Instant::now();
+            pool.run(req).await?;
+            samples.push(started.elapsed());
+        }
+        Ok(samples)
+    });
+    match timed.await {
+        Ok(result) => result,
+        Err(join_error) if join_error.is_panic() => {
+            std::panic::resume_unwind(join_error.into_panic())
+        }
+        // Only a runtime shutting down cancels the task.
+        Err(_) => Err(CpuError::PoolClosed),
     }
-    Ok(samples)
 }
 
 #[cfg(test)]
