@@ -145,17 +145,31 @@ pub fn encode_request_prefix(
     payload_len: usize,
     max: usize,
 ) -> Result<Vec<u8>, FrameError> {
-    let header_json = serde_json::to_vec(header).map_err(FrameError::BadHeader)?;
-    let body_len = 4 + header_json.len() + payload_len;
-    let body_len = check_len(body_len, max)?;
-    let header_len = u32::try_from(header_json.len()).map_err(|_| FrameError::TooLarge {
-        len: header_json.len(),
+    encode_request_prefix_with_capacity(header, payload_len, max, 0)
+}
+
+/// [`encode_request_prefix`] into a buffer with room for `extra` more bytes,
+/// so a caller can append a small payload without a second allocation and
+/// send the whole frame with one write.
+pub fn encode_request_prefix_with_capacity(
+    header: &RequestHeader,
+    payload_len: usize,
+    max: usize,
+    extra: usize,
+) -> Result<Vec<u8>, FrameError> {
+    // Serialize the header in place after two length slots, then fill them:
+    // one allocation instead of a JSON buffer plus a copy.
+    let mut out = Vec::with_capacity(8 + 96 + extra);
+    out.extend_from_slice(&[0u8; 8]);
+    serde_json::to_writer(&mut out, header).map_err(FrameError::BadHeader)?;
+    let header_json_len = out.len() - 8;
+    let body_len = check_len(4 + header_json_len + payload_len, max)?;
+    let header_len = u32::try_from(header_json_len).map_err(|_| FrameError::TooLarge {
+        len: header_json_len,
         max,
     })?;
-    let mut out = Vec::with_capacity(8 + header_json.len());
-    out.extend_from_slice(&body_len.to_le_bytes());
-    out.extend_from_slice(&header_len.to_le_bytes());
-    out.extend_from_slice(&header_json);
+    out[..4].copy_from_slice(&body_len.to_le_bytes());
+    out[4..8].copy_from_slice(&header_len.to_le_bytes());
     Ok(out)
 }
 
@@ -165,7 +179,7 @@ pub fn encode_request(
     payload: &[u8],
     max: usize,
 ) -> Result<Vec<u8>, FrameError> {
-    let mut out = encode_request_prefix(header, payload.len(), max)?;
+    let mut out = encode_request_prefix_with_capacity(header, payload.len(), max, payload.len())?;
     out.extend_from_slice(payload);
     Ok(out)
 }

@@ -368,13 +368,20 @@ pub enum PoolError {
     NestedPool,
 }
 
+/// Payloads up to this size are copied behind the frame header so a request
+/// costs one `write`; larger ones are written from their own buffer. 64 KiB
+/// is the default pipe buffer: a bigger write would block part-way anyway.
+const INLINE_PAYLOAD_MAX: usize = 64 * 1024;
+
 type Reply = oneshot::Sender<Result<Vec<u8>, CpuError>>;
 type SpawnReply = oneshot::Sender<io::Result<Child>>;
 
 /// A job on its way to a child.
 struct Job {
-    /// Length prefix + header frame part, encoded by the caller.
+    /// Length prefix + header frame part, encoded by the caller, followed by
+    /// the payload when it is small.
     prefix: Vec<u8>,
+    /// The payload when it is too large to inline in `prefix`, else empty.
     payload: Bytes,
     timeout: Duration,
     reply: Reply,
@@ -1210,21 +1217,32 @@ impl CpuPool {
             traceparent: req.traceparent,
         };
         let max = shared.cfg.max_frame_bytes;
-        let prefix = frame::encode_request_prefix(&header, req.payload.len(), max).map_err(
-            |err| match err {
-                FrameError::TooLarge { .. } => CpuError::PayloadTooLarge {
-                    size: req.payload.len(),
-                    max,
-                },
-                other => CpuError::Protocol {
-                    message: other.to_string(),
-                },
-            },
-        )?;
+        // A small payload goes into the same buffer as the frame header, so
+        // the supervisor sends the whole request with one write; a large one
+        // is written straight from its `Bytes` afterwards instead of copied.
+        let inline = req.payload.len() <= INLINE_PAYLOAD_MAX;
+        let extra = if inline { req.payload.len() } else { 0 };
+        let mut prefix =
+            frame::encode_request_prefix_with_capacity(&header, req.payload.len(), max, extra)
+                .map_err(|err| match err {
+                    FrameError::TooLarge { .. } => CpuError::PayloadTooLarge {
+                        size: req.payload.len(),
+                        max,
+                    },
+                    other => CpuError::Protocol {
+                        message: other.to_string(),
+                    },
+                })?;
+        let payload = if inline {
+            prefix.extend_from_slice(&req.payload);
+            Bytes::new()
+        } else {
+            req.payload
+        };
         let (reply, answer) = oneshot::channel();
         let job = Job {
             prefix,
-            payload: req.payload,
+            payload,
             timeout: req.timeout,
             reply,
             redelivered: false,
@@ -1309,20 +1327,36 @@ impl CpuPool {
 /// encode, hand-off to an idle child, pipe write, child dispatch, response):
 /// the fixed cost a CPU job pays on top of its own work. For the benchmark
 /// tool; not a test.
+///
+/// The calls are made from a task spawned on the current runtime, as the
+/// worker runs each job in its own task. Called straight from `block_on`,
+/// every answer would also have to wake the thread blocked outside the
+/// runtime, a cost no job in a worker pays.
 pub async fn measure_handoff(pool: &CpuPool, n: usize) -> Result<Vec<Duration>, CpuError> {
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let req = CpuRequest::new(
-            format!("handoff-{i}"),
-            NOOP_KIND,
-            Bytes::new(),
-            Duration::from_secs(10),
-        );
-        let started = std::time::Instant::now();
-        pool.run(req).await?;
-        samples.push(started.elapsed());
+    let pool = pool.clone();
+    let timed = tokio::spawn(async move {
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..n {
+            let req = CpuRequest::new(
+                format!("handoff-{i}"),
+                NOOP_KIND,
+                Bytes::new(),
+                Duration::from_secs(10),
+            );
+            let started = std::time::Instant::now();
+            pool.run(req).await?;
+            samples.push(started.elapsed());
+        }
+        Ok(samples)
+    });
+    match timed.await {
+        Ok(result) => result,
+        Err(join_error) if join_error.is_panic() => {
+            std::panic::resume_unwind(join_error.into_panic())
+        }
+        // Only a runtime shutting down cancels the task.
+        Err(_) => Err(CpuError::PoolClosed),
     }
-    Ok(samples)
 }
 
 #[cfg(test)]

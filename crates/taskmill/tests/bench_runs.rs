@@ -112,6 +112,42 @@ fn io_reports_drain_against_ideal_and_worker_memory() {
 }
 
 #[test]
+fn cpu_reports_both_job_sizes_on_1_and_n_processes_and_the_hand_off() {
+    let out = bench(&[
+        "cpu",
+        "--jobs",
+        "20",
+        "--rounds",
+        "1",
+        "--queue-type",
+        "classic",
+    ]);
+    let v = &out[0];
+    common_fields(v, "cpu");
+    let runs = v["runs"].as_array().expect("runs");
+    let sizes = v["pool_sizes"].as_array().expect("pool sizes");
+    assert_eq!(runs.len(), 2 * sizes.len(), "{v:#}");
+    assert_eq!(sizes[0], 1);
+    for run in runs {
+        let jobs = if run["job_ms"] == 10 { 20.0 } else { 200.0 };
+        assert_eq!(num(run, &["jobs"]), jobs, "{run:#}");
+        assert!(num(run, &["jobs_per_s"]) > 0.0);
+        assert!(num(run, &["raw_compute_jobs_per_s"]) > 0.0);
+    }
+    assert!(v["speedups"].is_array());
+    let p50 = num(v, &["handoff", "p50_us"]);
+    assert!(p50 > 0.0 && num(v, &["handoff", "p99_us"]) >= p50, "{v:#}");
+    assert_eq!(num(v, &["handoff", "samples"]), 5000.0);
+    let targets = v["targets"].as_array().expect("targets");
+    assert!(
+        targets
+            .iter()
+            .any(|t| t["measure"] == "hand-off round trip p50 us"),
+        "{targets:#?}"
+    );
+}
+
+#[test]
 fn latency_at_a_fixed_rate_has_percentiles_for_both_sides() {
     let out = bench(&[
         "latency",

@@ -84,6 +84,10 @@ impl Bench {
     /// Declares a taskmill work queue (and its dead-letter queue) the way a
     /// worker would, so jobs can be published before any worker runs.
     pub(crate) async fn declare(&self, queue: &str) -> anyhow::Result<()> {
+        // A work queue is bound to the delay ladder's delivery exchange: on a
+        // broker no worker has used yet, declare the ladder first, as a
+        // worker does at start-up (idempotent).
+        self.admin.declare_delays().await?;
         self.admin
             .declare(&QueueSpec {
                 name: queue.to_string(),

@@ -1,7 +1,7 @@
 //! `mixed`: IO and CPU jobs at once in one worker.
 //!
-//! The same `io.sleep` and `cpu.hash` loads as the `io` and `cpu` scenarios,
-//! each drained alone and then both together by one worker. A worker that
+//! The same `io.sleep` load as the `io` scenario and `cpu.hash` jobs of about
+//! 5 ms, each drained alone and then both together by one worker. A worker that
 //! keeps CPU work off its event loop drains the IO jobs together about as
 //! fast as alone; the ratios say how much each kind slows the other.
 
@@ -11,6 +11,9 @@ use super::harness::{Bench, InProcessWorker, Tally, deadline_for, drain, enqueue
 use super::report::{Row, ScenarioReport};
 use super::{cpu, io};
 
+/// Aimed duration of one CPU job's compute.
+const CPU_JOB_TIME: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Runs `io_jobs` IO jobs and `cpu_jobs` CPU jobs, alone and together,
 /// `rounds` times (best round of each counts).
 pub(crate) async fn run(
@@ -19,7 +22,7 @@ pub(crate) async fn run(
     cpu_jobs: u64,
     rounds: u32,
 ) -> anyhow::Result<ScenarioReport> {
-    let chain = cpu::calibrate().await?;
+    let chain = cpu::calibrate(CPU_JOB_TIME).await?;
     let cpu_payload = format!("{{\"rounds\": {chain}}}").into_bytes();
     let io_payload = format!("{{\"ms\": {}}}", io::SLEEP.as_millis()).into_bytes();
     let io_queue = b.queue("mixed", "io");

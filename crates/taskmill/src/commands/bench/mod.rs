@@ -48,8 +48,9 @@ pub enum Scenario {
     /// `io.sleep` 100 ms jobs, 1 000 at once: drain time vs the ideal; worker
     /// memory idle and with `--in-flight` jobs running.
     Io,
-    /// `cpu.hash` jobs through the worker's process pool: drain time vs the
-    /// same hashing done in-process on as many threads.
+    /// `cpu.hash` jobs of ~10 ms and ~1 ms through the worker's process pool
+    /// with 1 and N processes: jobs/s, speed-up N vs 1, and the pool's
+    /// hand-off round trip p50/p99.
     Cpu,
     /// `io` and `cpu` loads at once in one worker: each kind's drain time
     /// together vs alone.
@@ -87,9 +88,9 @@ pub struct BenchArgs {
     /// Scenario to run.
     #[arg(value_enum)]
     pub scenario: Scenario,
-    /// Jobs: noop 200 000, io 20 000, cpu 2 000, mixed 10 000 IO (and a
-    /// tenth as many CPU), retry 5 000, payload 2 000 (64 KiB; 1 MiB gets a
-    /// tenth). With `all`, the noop count; io gets a tenth of it, mixed a
+    /// Jobs: noop 200 000, io 20 000, cpu 300 (of ~10 ms per pool size; the
+    /// ~1 ms runs get ten times as many), mixed 10 000 IO (and a tenth as
+    /// many CPU), retry 5 000, payload 2 000 (64 KiB; 1 MiB gets a tenth). With `all`, the noop count; io gets a tenth of it, mixed a
     /// twentieth, retry a fortieth, cpu and payload a hundredth (1 MiB a
     /// thousandth).
     #[arg(long)]
