@@ -181,7 +181,7 @@ pub(crate) async fn run(b: &Bench, jobs: u64, rounds: u32) -> anyhow::Result<Sce
             );
             if p == n {
                 let limit = CORES_FRACTION * cores as f64;
-                row = row.with(Target::at_least(
+                row = row.with(Target::at_least_factor(
                     speedup,
                     limit,
                     format!(">= {limit:.1} x (0.9 x {cores} cores)"),
@@ -189,7 +189,7 @@ pub(crate) async fn run(b: &Bench, jobs: u64, rounds: u32) -> anyhow::Result<Sce
             }
             let mut extra = None;
             if p == 2 && ms == 10 {
-                let target = Target::at_least(
+                let target = Target::at_least_factor(
                     speedup,
                     TWO_PROCESS_SPEEDUP,
                     format!(">= {TWO_PROCESS_SPEEDUP} x (broker quiet)"),

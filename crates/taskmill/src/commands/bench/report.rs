@@ -24,11 +24,20 @@ pub(crate) struct Target {
 impl Target {
     /// `value >= limit` (ratios in %, rates).
     pub(crate) fn at_least(value: f64, limit: f64, target: String) -> Target {
+        Target::at_least_in(value, limit, target, |gap| format!("{gap:.1} points"))
+    }
+
+    /// `value >= limit` for a factor (a speed-up): the gap in "x".
+    pub(crate) fn at_least_factor(value: f64, limit: f64, target: String) -> Target {
+        Target::at_least_in(value, limit, target, |gap| format!("{gap:.2} x"))
+    }
+
+    fn at_least_in(value: f64, limit: f64, target: String, gap: fn(f64) -> String) -> Target {
         let met = value >= limit;
         let verdict = if met {
             "met".to_string()
         } else {
-            format!("missed by {:.1} points", limit - value)
+            format!("missed by {}", gap(limit - value))
         };
         Target {
             target,
