@@ -16,7 +16,8 @@ prints one JSON line; `worker` replaces itself with the Celery worker below;
 results scenario:
 
 - drain: N no-op tasks (`noop`, args=[i]) are sent with app.send_task (no
-  result backend) into a fresh queue; then the worker starts. Timed from the
+  result backend, `ignore_result` set in each message) into a fresh queue;
+  then the worker starts. Timed from the
   moment its consumer is attached to the moment the queue has no ready
   message left (polled every 5 ms), then checked: nothing unacknowledged and
   (taskmill) N jobs counted ok in /metrics. The tail after "no ready
@@ -141,12 +142,21 @@ def make_app(url, results):
 
 
 def send(app, queue, n):
-    """Sends n no-op tasks with one producer; returns the AsyncResults and the time."""
+    """Sends n no-op tasks with one producer; returns the AsyncResults and the time.
+
+    Each message carries the app's `task_ignore_result` in its
+    `ignore_result` header, as `noop.apply_async()` would (send_task alone
+    leaves it unset): without a result backend neither worker then sends a
+    result, while a bare send_task would make taskmill answer every task on
+    the client's reply_to queue."""
+    ignore = bool(app.conf.task_ignore_result)
     t0 = time.perf_counter()
     out = []
     with app.producer_or_acquire() as producer:
         for i in range(n):
-            out.append(app.send_task("noop", args=[i], queue=queue, producer=producer))
+            out.append(
+                app.send_task("noop", args=[i], queue=queue, producer=producer, ignore_result=ignore)
+            )
     return out, time.perf_counter() - t0
 
 
