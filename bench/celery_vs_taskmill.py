@@ -103,7 +103,7 @@ class Broker:
         return ready, consumers
 
     def delete(self, queue):
-        for q in (queue, queue + ".dead"):
+        for q in (queue, queue + ".dead", queue + "-cpu", queue + "-cpu.dead"):
             try:
                 self.ch.queue_delete(q)
             except Exception:  # noqa: BLE001
@@ -175,6 +175,8 @@ class Worker:
             env.update(
                 TASKMILL_AMQP_URL=args.amqp_url,
                 TASKMILL_QUEUES="",
+                # Its own CPU queue (deleted with the queue), not a shared `cpu`.
+                TASKMILL_CPU_QUEUE=queue + "-cpu",
                 TASKMILL_HTTP_ADDR=self.http,
                 TASKMILL_DATA_DIR=self.data,
                 TASKMILL_LOG_LEVEL="warn",
