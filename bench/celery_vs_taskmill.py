@@ -1,12 +1,23 @@
 """Celery tasks drained by taskmill beside the same tasks drained by a real
 Celery worker, on the same broker, in the same run.
 
-    .venv/bin/python bench/celery_vs_taskmill.py --taskmill target/release/taskmill
+Subcommands:
 
-Scenarios (each run for both workers, in alternating order over --rounds):
+    python bench/celery_vs_taskmill.py publish --queue Q --n N
+    python bench/celery_vs_taskmill.py worker --queue Q [--results]
+    python bench/celery_vs_taskmill.py version
+    python bench/celery_vs_taskmill.py [compare] --taskmill target/release/taskmill
+
+`publish` and `worker` are the entry points `taskmill bench celery` drives
+(the drain comparison, timed from Rust): `publish` sends N no-op tasks and
+prints one JSON line; `worker` replaces itself with the Celery worker below;
+`version` prints celery's version (and fails if celery cannot be imported).
+`compare` (the default) is the standalone comparison, which also has the
+results scenario:
 
 - drain: N no-op tasks (`noop`, args=[i]) are sent with app.send_task (no
-  result backend) into a fresh queue; then the worker starts. Timed from the
+  result backend, `ignore_result` set in each message) into a fresh queue;
+  then the worker starts. Timed from the
   moment its consumer is attached to the moment the queue has no ready
   message left (polled every 5 ms), then checked: nothing unacknowledged and
   (taskmill) N jobs counted ok in /metrics. The tail after "no ready
@@ -23,6 +34,8 @@ Workers:
   --without-gossip --without-mingle --without-heartbeat -l WARNING`,
   task_acks_late, default prefetch multiplier (4).
 
+The broker URL: --amqp-url, else BENCH_AMQP_URL, else TASKMILL_AMQP_URL,
+else the local default.
 Prints one line per measurement and a summary; --json FILE writes the figures.
 Needs RabbitMQ (and rabbitmqctl on PATH for the unacked check, optional).
 """
@@ -56,6 +69,21 @@ def amqp_to_kombu(url):
     return url.replace("/%2f", "//").replace("/%2F", "//")
 
 
+def default_amqp_url():
+    return os.environ.get("BENCH_AMQP_URL") or os.environ.get(
+        "TASKMILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )
+
+
+def celery_worker_argv(queue):
+    """The Celery worker of the comparison, for `python -m celery` run in HERE."""
+    return [
+        sys.executable, "-m", "celery", "-A", "celery_bench_app", "worker",
+        "-P", "prefork", "-c", "2", "-Q", queue, "-n", f"bench-{uuid.uuid4().hex[:6]}@%h",
+        "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING",
+    ]
+
+
 class Broker:
     """Queue depth and consumer count through passive declares (kombu)."""
 
@@ -75,7 +103,7 @@ class Broker:
         return ready, consumers
 
     def delete(self, queue):
-        for q in (queue, queue + ".dead"):
+        for q in (queue, queue + ".dead", queue + "-cpu", queue + "-cpu.dead"):
             try:
                 self.ch.queue_delete(q)
             except Exception:  # noqa: BLE001
@@ -114,12 +142,21 @@ def make_app(url, results):
 
 
 def send(app, queue, n):
-    """Sends n no-op tasks with one producer; returns the AsyncResults and the time."""
+    """Sends n no-op tasks with one producer; returns the AsyncResults and the time.
+
+    Each message carries the app's `task_ignore_result` in its
+    `ignore_result` header, as `noop.apply_async()` would (send_task alone
+    leaves it unset): without a result backend neither worker then sends a
+    result, while a bare send_task would make taskmill answer every task on
+    the client's reply_to queue."""
+    ignore = bool(app.conf.task_ignore_result)
     t0 = time.perf_counter()
     out = []
     with app.producer_or_acquire() as producer:
         for i in range(n):
-            out.append(app.send_task("noop", args=[i], queue=queue, producer=producer))
+            out.append(
+                app.send_task("noop", args=[i], queue=queue, producer=producer, ignore_result=ignore)
+            )
     return out, time.perf_counter() - t0
 
 
@@ -138,6 +175,8 @@ class Worker:
             env.update(
                 TASKMILL_AMQP_URL=args.amqp_url,
                 TASKMILL_QUEUES="",
+                # Its own CPU queue (deleted with the queue), not a shared `cpu`.
+                TASKMILL_CPU_QUEUE=queue + "-cpu",
                 TASKMILL_HTTP_ADDR=self.http,
                 TASKMILL_DATA_DIR=self.data,
                 TASKMILL_LOG_LEVEL="warn",
@@ -147,12 +186,10 @@ class Worker:
             cwd = None
         else:
             self.data = None
-            env.update(BENCH_AMQP_URL=amqp_to_kombu(args.amqp_url), BENCH_RESULTS="1" if results else "0")
-            cmd = [
-                sys.executable, "-m", "celery", "-A", "celery_bench_app", "worker",
-                "-P", "prefork", "-c", "2", "-Q", queue, "-n", f"bench-{uuid.uuid4().hex[:6]}@%h",
-                "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING",
-            ]
+            env.update(BENCH_AMQP_URL=amqp_to_kombu(args.amqp_url))
+            cmd = [sys.executable, os.path.abspath(__file__), "worker", "--queue", queue]
+            if results:
+                cmd.append("--results")
             cwd = HERE
         self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -257,17 +294,17 @@ def results(system, args, broker):
     }
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def compare(argv):
+    p = argparse.ArgumentParser(prog="celery_vs_taskmill.py compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--taskmill", required=True, help="the taskmill binary (a release build)")
-    p.add_argument("--amqp-url", default=os.environ.get("TASKMILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"))
+    p.add_argument("--amqp-url", default=default_amqp_url())
     p.add_argument("--tasks", type=int, default=20_000, help="tasks of the drain scenario")
     p.add_argument("--result-tasks", type=int, default=5_000, help="tasks of the results scenario (0: skip)")
     p.add_argument("--rounds", type=int, default=1, help="repeat each scenario, alternating which worker goes first")
     p.add_argument("--taskmill-env", action="append", default=[], metavar="TASKMILL_X=V", help="extra environment of the taskmill worker (repeatable)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", help="write the figures to this file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     broker = Broker(args.amqp_url)
     rows = []
@@ -295,6 +332,50 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def publish(argv):
+    """Sends --n no-op tasks to --queue; prints {"tasks", "send_seconds"} as JSON."""
+    p = argparse.ArgumentParser(prog="celery_vs_taskmill.py publish")
+    p.add_argument("--queue", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--amqp-url", default=default_amqp_url())
+    args = p.parse_args(argv)
+    app = make_app(args.amqp_url, results=False)
+    _, seconds = send(app, args.queue, args.n)
+    print(json.dumps({"tasks": args.n, "send_seconds": seconds}), flush=True)
+
+
+def worker(argv):
+    """Replaces this process with the comparison's Celery worker on --queue."""
+    p = argparse.ArgumentParser(prog="celery_vs_taskmill.py worker")
+    p.add_argument("--queue", required=True)
+    p.add_argument("--results", action="store_true", help="send results to rpc://")
+    p.add_argument("--amqp-url", default=default_amqp_url())
+    args = p.parse_args(argv)
+    os.environ["BENCH_AMQP_URL"] = amqp_to_kombu(args.amqp_url)
+    os.environ["BENCH_RESULTS"] = "1" if args.results else "0"
+    os.chdir(HERE)
+    sys.stdout.flush()
+    os.execv(sys.executable, celery_worker_argv(args.queue))
+
+
+def version(_argv):
+    """Prints celery's version; fails when celery cannot be imported."""
+    import celery
+
+    print(celery.__version__)
+
+
+COMMANDS = {"compare": compare, "publish": publish, "worker": worker, "version": version}
+
+
+def main():
+    argv = sys.argv[1:]
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:])
+    else:
+        compare(argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 //! One AMQP connection.
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
+use lapin::options::{
+    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use taskmill_core::redact::redact_url;
@@ -136,6 +138,17 @@ impl Broker {
         ch.queue_delete(queue.into(), QueueDeleteOptions::default())
             .await
             .map_err(BrokerError::op(format!("queue.delete {queue}")))?;
+        let _ = ch.close(200, "bye".into()).await;
+        Ok(())
+    }
+
+    /// Deletes `exchange` (for tests and tooling, e.g. the exchange Celery
+    /// declares per queue). Deleting one that does not exist succeeds.
+    pub async fn delete_exchange(&self, exchange: &str) -> Result<(), BrokerError> {
+        let ch = self.channel().await?;
+        ch.exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await
+            .map_err(BrokerError::op(format!("exchange.delete {exchange}")))?;
         let _ = ch.close(200, "bye".into()).await;
         Ok(())
     }

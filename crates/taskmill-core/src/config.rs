@@ -421,6 +421,8 @@ pub const OTHER_ENV: &[&str] = &[
     "TASKMILL_TRACE_FILTER",
     // Read by the diagnostic kind `test.effect`.
     "TASKMILL_EFFECTS_FILE",
+    // Read by `taskmill bench celery`: the Python interpreter with Celery.
+    "TASKMILL_BENCH_PYTHON",
 ];
 
 /// Every environment variable that sets a configuration key, in documentation order.

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
@@ -17,6 +18,7 @@ fn bench(args: &[&str]) -> Vec<Value> {
         .arg("--json")
         .env("TASKMILL_AMQP_URL", common::amqp_url())
         .env("TASKMILL_LOG_LEVEL", "warn")
+        .env("TASKMILL_BENCH_PYTHON", python())
         .output()
         .expect("running taskmill bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -37,6 +39,15 @@ fn bench(args: &[&str]) -> Vec<Value> {
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{stdout}"))
         })
         .collect()
+}
+
+/// The Python with Celery for the `celery` scenario: `CELERY_PYTHON`, else
+/// the repository's `.venv` (`make venv`).
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("CELERY_PYTHON") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
 }
 
 fn num(v: &Value, path: &[&str]) -> f64 {
@@ -192,8 +203,11 @@ fn all_runs_every_scenario_and_leaves_no_queue_behind() {
         .collect();
     assert_eq!(
         names,
-        ["noop", "io", "cpu", "mixed", "latency", "retry", "payload"]
+        [
+            "noop", "io", "cpu", "mixed", "latency", "retry", "payload", "celery"
+        ]
     );
+    assert_eq!(num(&out[7], &["tasks"]), 200.0, "celery gets a tenth");
     for v in &out {
         assert_eq!(v["run_id"], out[0]["run_id"], "one run");
         assert_eq!(v["jobs_not_ok"].as_f64().unwrap_or(0.0), 0.0, "{v:#}");
@@ -201,6 +215,46 @@ fn all_runs_every_scenario_and_leaves_no_queue_behind() {
     assert_eq!(out[5]["retries"], out[5]["jobs"], "one retry per job");
     let left = queues_of_run(out[0]["run_id"].as_str().unwrap());
     assert!(left.is_empty(), "queues left behind: {left:?}");
+}
+
+#[test]
+fn celery_drains_the_same_tasks_with_taskmill_and_celery() {
+    let out = bench(&["celery", "--jobs", "300", "--rounds", "2"]);
+    assert_eq!(out.len(), 1, "one object per scenario: {out:?}");
+    let v = &out[0];
+    assert_eq!(v["scenario"], "celery");
+    assert_eq!(num(v, &["tasks"]), 300.0);
+    for field in [
+        "taskmill_tasks_per_s",
+        "celery_tasks_per_s",
+        "ratio_taskmill_to_celery",
+        "python_send_tasks_per_s",
+    ] {
+        assert!(num(v, &[field]) > 0.0, "{field} in {v:#}");
+    }
+    assert!(v["store"].as_str().is_some_and(|s| s.starts_with("sqlite")));
+    let rounds = v["per_round"].as_array().expect("per_round");
+    let sides: Vec<&str> = rounds.iter().map(|r| r["side"].as_str().unwrap()).collect();
+    assert_eq!(
+        sides,
+        ["taskmill", "celery", "celery", "taskmill"],
+        "alternating"
+    );
+    for r in rounds.iter().filter(|r| r["side"] == "taskmill") {
+        assert_eq!(num(r, &["taskmill_ok"]), 300.0, "{r:#}");
+    }
+    let run_id = v["run_id"].as_str().expect("run_id");
+    let left = queues_of_run(run_id);
+    assert!(left.is_empty(), "queues left behind: {left:?}");
+    let ps = Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .expect("ps");
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        !ps.lines().any(|l| l.contains(run_id)),
+        "a worker of the run is still running:\n{ps}"
+    );
 }
 
 /// Names of the queues whose name contains `run_id`, from `rabbitmqctl`

@@ -34,7 +34,14 @@ pub(crate) struct Bench {
     pub(crate) noop_drain_rate: Mutex<Option<f64>>,
     /// Part of every queue name of this run.
     pub(crate) run_id: String,
+    /// The store URL configured before the bench replaced it with an
+    /// in-memory one (`None`: the default SQLite file). Used by the `celery`
+    /// scenario, whose worker claims every task in its store.
+    pub(crate) configured_store_url: Option<String>,
     queues: Mutex<Vec<String>>,
+    /// Exchanges the scenarios created (Celery declares one per queue),
+    /// deleted by [`Bench::cleanup`].
+    exchanges: Mutex<Vec<String>>,
     /// Queues of the whole run (the CPU queue), deleted by [`Bench::finish`].
     run_queues: Vec<String>,
 }
@@ -45,6 +52,7 @@ impl Bench {
         config.queue_type = queue_type;
         config.http_addr = "127.0.0.1:0".parse().expect("valid address");
         config.shutdown_grace_ms = 5_000;
+        let configured_store_url = config.store_url.take();
         // Noop and io jobs carry no idempotency key, so the store is never
         // written; an in-memory one keeps the run from leaving files behind.
         config.store_url = Some(MEMORY_STORE.to_string());
@@ -55,7 +63,9 @@ impl Bench {
             admin,
             noop_drain_rate: Mutex::new(None),
             run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+            configured_store_url,
             queues: Mutex::new(Vec::new()),
+            exchanges: Mutex::new(Vec::new()),
             run_queues: Vec::new(),
         };
         // The built-in CPU kinds make every worker consume the CPU queue too:
@@ -78,6 +88,22 @@ impl Bench {
         let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         q.push(dead_queue_name(&name));
         q.push(name.clone());
+        name
+    }
+
+    /// A fresh name for a Celery queue of this run (`role` tells them apart).
+    /// Celery declares the queue classic whatever `--queue-type` says, so the
+    /// name leaves the type out. The queue, its `Q.dead` and the exchange of
+    /// the same name Celery declares are deleted by [`Bench::cleanup`].
+    pub(crate) fn celery_queue(&self, role: &str) -> String {
+        let name = format!("bench-celery-{role}-{}", self.run_id);
+        let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        q.push(dead_queue_name(&name));
+        q.push(name.clone());
+        self.exchanges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.clone());
         name
     }
 
@@ -107,11 +133,16 @@ impl Bench {
         self.admin.close().await;
     }
 
-    /// Deletes every queue the scenarios created so far.
+    /// Deletes every queue (and exchange) the scenarios created so far.
     pub(crate) async fn cleanup(&self) {
         let queues = std::mem::take(&mut *self.queues.lock().unwrap_or_else(|e| e.into_inner()));
         for q in queues {
             let _ = self.admin.delete_queue(&q).await;
+        }
+        let exchanges =
+            std::mem::take(&mut *self.exchanges.lock().unwrap_or_else(|e| e.into_inner()));
+        for e in exchanges {
+            let _ = self.admin.delete_exchange(&e).await;
         }
     }
 

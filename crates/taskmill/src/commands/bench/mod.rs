@@ -11,14 +11,15 @@
 //! - [`harness`]: queues, the in-process worker and its tally, timed enqueues,
 //!   memory readings.
 //! - one file per scenario: [`noop`], [`io`], [`cpu`], [`mixed`],
-//!   [`latency`], [`retry`], [`payload`]; [`rss`] is the worker-process
-//!   memory probe used by `io`.
+//!   [`latency`], [`retry`], [`payload`], [`celery`]; [`rss`] is the
+//!   worker-process memory probe used by `io`.
 //! - [`report`]: rows, targets, the table.
 //!
 //! Output: the human table on stdout; with `--json`, one JSON object per
 //! scenario per line on stdout and the table on stderr. Progress goes to
 //! stderr.
 
+mod celery;
 mod cpu;
 mod harness;
 mod io;
@@ -30,6 +31,7 @@ mod report;
 mod retry;
 mod rss;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -63,6 +65,11 @@ pub enum Scenario {
     Retry,
     /// 64 KiB and 1 MiB payloads: MB/s vs the ceiling.
     Payload,
+    /// No-op Celery tasks sent by the Python Celery client, drained by a
+    /// `taskmill worker --celery-queue` vs a real `celery worker` (prefork,
+    /// 2 processes, acks_late): tasks/s of both and their ratio. Needs the
+    /// Python virtualenv (`make venv`).
+    Celery,
     /// Every scenario above, in that order.
     All,
 }
@@ -77,6 +84,7 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::Retry => "retry",
             Scenario::Payload => "payload",
+            Scenario::Celery => "celery",
             Scenario::All => "all",
         }
     }
@@ -90,9 +98,10 @@ pub struct BenchArgs {
     pub scenario: Scenario,
     /// Jobs: noop 200 000, io 20 000, cpu 300 (of ~10 ms per pool size; the
     /// ~1 ms runs get ten times as many), mixed 10 000 IO (and a tenth as
-    /// many CPU), retry 5 000, payload 2 000 (64 KiB; 1 MiB gets a tenth). With `all`, the noop count; io gets a tenth of it, mixed a
-    /// twentieth, retry a fortieth, cpu and payload a hundredth (1 MiB a
-    /// thousandth).
+    /// many CPU), retry 5 000, payload 2 000 (64 KiB; 1 MiB gets a tenth),
+    /// celery 20 000 tasks per side and round. With `all`, the noop count;
+    /// io and celery get a tenth of it, mixed a twentieth, retry a fortieth,
+    /// cpu and payload a hundredth (1 MiB a thousandth).
     #[arg(long)]
     pub jobs: Option<u64>,
     /// Type of every queue the run declares, taskmill's and the ceiling's.
@@ -108,14 +117,19 @@ pub struct BenchArgs {
     /// latency: seconds of load per rate.
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
-    /// Measurement rounds of noop, io and payload; the sides alternate which
-    /// goes first and the best round of each side counts (noise only ever
-    /// slows a run down).
+    /// Measurement rounds of noop, io, cpu, mixed, retry, payload and celery;
+    /// the sides alternate which goes first and the best round of each side
+    /// counts (noise only ever slows a run down).
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
     /// io: jobs held in flight at once when the worker's memory is read.
     #[arg(long, default_value_t = 10_000)]
     pub in_flight: u16,
+    /// celery: the Python interpreter that has Celery (also
+    /// TASKMILL_BENCH_PYTHON; default `.venv/bin/python` in the current
+    /// directory, then `python3`).
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -138,6 +152,8 @@ impl BenchArgs {
                 let n = j.unwrap_or(payload::DEFAULT_JOBS);
                 (n, (n / 10).max(5))
             }
+            (Scenario::Celery, true, Some(j)) => ((j / 10).max(100), 0),
+            (Scenario::Celery, _, j) => (j.unwrap_or(celery::DEFAULT_TASKS), 0),
             // Jobs of the quick noop drain measurement, when none ran before.
             (Scenario::Latency | Scenario::All, _, j) => (j.unwrap_or(io::DEFAULT_JOBS), 0),
         }
@@ -164,6 +180,7 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<ExitCode> {
             Scenario::Latency,
             Scenario::Retry,
             Scenario::Payload,
+            Scenario::Celery,
         ]
     } else {
         vec![args.scenario]
@@ -232,6 +249,7 @@ async fn run_one(
         Scenario::Latency => latency::run(b, args.rate, args.seconds, n).await,
         Scenario::Retry => retry::run(b, n, args.rounds).await,
         Scenario::Payload => payload::run(b, n, m, args.rounds).await,
+        Scenario::Celery => celery::run(b, n, args.rounds, args.python.as_deref()).await,
         Scenario::All => unreachable!("expanded by run"),
     }
 }

@@ -148,7 +148,10 @@ fn in_flight_gauge(metrics: &str, queue: &str) -> Option<u64> {
 }
 
 /// A plain HTTP/1.1 GET on loopback; returns (status, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+pub(crate) async fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(
