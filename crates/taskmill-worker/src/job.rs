@@ -34,7 +34,7 @@ use taskmill_telemetry::traces::traceparent_of;
 use tracing::{Instrument, Span};
 
 use crate::builder::JobReport;
-use crate::handler::{Handler, JobContext};
+use crate::handler::{Handler, IoTxHandler, JobContext};
 use crate::runtime::Session;
 
 /// Margin of an idempotency lease over the job's hard timeout: the lease
@@ -313,7 +313,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
         let traceparent = traceparent_of(&run_span)
             .map(|(tp, _)| tp)
             .or_else(|| env.traceparent.clone());
-        Box::pin(run(
+        run(
             session,
             &handler,
             &env,
@@ -321,7 +321,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
             timeout,
             token.as_ref(),
             traceparent,
-        ))
+        )
         .instrument(run_span)
         .await
     };
@@ -367,7 +367,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
         Err(Failure::Abandon(why)) => {
             tracing::info!(queue = %queue, job_id = %env.job_id, reason = %why, "job stopped by shutdown; leaving it to the broker");
             if let Some(t) = &token {
-                let _ = session.store().release(t).await;
+                let _ = Box::pin(session.store().release(t)).await;
             }
         }
         Err(Failure::Job(err)) => {
@@ -383,7 +383,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
                 }
                 tracing::info!(queue = %queue, job_id = %env.job_id, kind = %env.kind, attempt = env.attempt, retry_in = ?delay, error = %err, "job failed; retrying");
                 if let Some(t) = &token
-                    && let Err(e) = session.store().release(t).await
+                    && let Err(e) = Box::pin(session.store().release(t)).await
                 {
                     tracing::warn!(error = %e, "cannot release the idempotency lease; it expires by itself");
                 }
@@ -418,7 +418,7 @@ async fn process(session: &Session, incoming: Incoming, mut env: Envelope, wire:
                         // Reported again to a client whose task is redelivered.
                         record[CELERY_EXCEPTION] = exc.to_json();
                     }
-                    if let Err(e) = session.store().fail(t, &record).await {
+                    if let Err(e) = Box::pin(session.store().fail(t, &record)).await {
                         tracing::warn!(error = %e, "cannot record the final failure in the store");
                     }
                 }
@@ -562,49 +562,70 @@ async fn run(
                 committed: false,
             })
         }
-        Handler::IoTx(h) => {
-            let token = token.expect("transactional jobs are always claimed");
-            let tx = session.store().begin_completion(token).await.map_err(|e| {
-                Failure::Job(JobError::retryable(format!(
-                    "cannot open the completion transaction: {e}"
-                )))
-            })?;
-            let fut = AssertUnwindSafe(h(ctx(), payload, tx)).catch_unwind();
-            let (value, tx) = guarded(fut, timeout).await.map_err(Failure::Job)?;
-            tx.commit(&value).await.map_err(|e| {
-                Failure::Job(JobError::retryable(format!(
-                    "cannot commit the completion (the handler's writes were rolled back): {e}"
-                )))
-            })?;
+        // The other two are boxed: their futures (sqlx, the pool's IPC) are
+        // large, and every in-flight IO job would otherwise carry their size.
+        Handler::IoTx(h) => Box::pin(run_tx(session, h, ctx(), payload, timeout, token)).await,
+        Handler::Cpu => Box::pin(run_cpu(session, env, payload, timeout, traceparent)).await,
+    }
+}
+
+/// [`run`] for a handler that writes inside the completion transaction.
+async fn run_tx(
+    session: &Session,
+    h: &IoTxHandler,
+    ctx: JobContext,
+    payload: &Bytes,
+    timeout: Duration,
+    token: Option<&ClaimToken>,
+) -> Result<Done, Failure> {
+    let token = token.expect("transactional jobs are always claimed");
+    let tx = session.store().begin_completion(token).await.map_err(|e| {
+        Failure::Job(JobError::retryable(format!(
+            "cannot open the completion transaction: {e}"
+        )))
+    })?;
+    let fut = AssertUnwindSafe(h(ctx, payload, tx)).catch_unwind();
+    let (value, tx) = guarded(fut, timeout).await.map_err(Failure::Job)?;
+    tx.commit(&value).await.map_err(|e| {
+        Failure::Job(JobError::retryable(format!(
+            "cannot commit the completion (the handler's writes were rolled back): {e}"
+        )))
+    })?;
+    Ok(Done {
+        value,
+        committed: true,
+    })
+}
+
+/// [`run`] for a CPU kind: through the process pool.
+async fn run_cpu(
+    session: &Session,
+    env: &Envelope,
+    payload: &Bytes,
+    timeout: Duration,
+    traceparent: Option<String>,
+) -> Result<Done, Failure> {
+    let Some(pool) = session.shared.cpu.get() else {
+        return Err(Failure::Job(JobError::permanent("no CPU pool is running")));
+    };
+    let req = CpuRequest {
+        job_id: env.job_id.clone(),
+        kind: env.kind.clone(),
+        attempt: env.attempt,
+        traceparent,
+        payload: payload.clone(),
+        timeout,
+    };
+    match pool.run(req).await {
+        Ok(bytes) => {
+            let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
             Ok(Done {
                 value,
-                committed: true,
+                committed: false,
             })
         }
-        Handler::Cpu => {
-            let Some(pool) = session.shared.cpu.get() else {
-                return Err(Failure::Job(JobError::permanent("no CPU pool is running")));
-            };
-            let req = CpuRequest {
-                job_id: env.job_id.clone(),
-                kind: env.kind.clone(),
-                attempt: env.attempt,
-                traceparent: traceparent.clone(),
-                payload: payload.clone(),
-                timeout,
-            };
-            match pool.run(req).await {
-                Ok(bytes) => {
-                    let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-                    Ok(Done {
-                        value,
-                        committed: false,
-                    })
-                }
-                Err(e) if e.is_shutdown() => Err(Failure::Abandon(e.to_string())),
-                Err(e) => Err(Failure::Job(cpu_error(e))),
-            }
-        }
+        Err(e) if e.is_shutdown() => Err(Failure::Abandon(e.to_string())),
+        Err(e) => Err(Failure::Job(cpu_error(e))),
     }
 }
 
@@ -860,7 +881,7 @@ async fn settle(
     report: JobReport,
 ) {
     if let Some((to, notice)) = reply
-        && !notify(session, to, notice).await
+        && !Box::pin(notify(session, to, notice)).await
     {
         return;
     }
