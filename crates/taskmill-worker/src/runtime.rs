@@ -243,13 +243,17 @@ async fn run_session(
         let mut settings = shared.config.queue_settings(q);
         if let (Some(pool), true) = (shared.cpu.get(), *q == shared.config.cpu_queue) {
             // CPU work is taken from the broker only as fast as the pool
-            // can run it: no pile of prefetched CPU jobs in memory.
+            // can run it: one job per process running, and one more per
+            // process waiting in the prefetch window, so a process that
+            // finishes starts its next job at once instead of idling for an
+            // ack-and-deliver round trip to the broker. No pile of CPU jobs
+            // in memory beyond that.
             let own = shared.config.queue.get(q).cloned().unwrap_or_default();
             let size = pool.size();
             settings.concurrency = own.concurrency.unwrap_or(size);
-            settings.prefetch = own
-                .prefetch
-                .unwrap_or(u16::try_from(settings.concurrency).unwrap_or(u16::MAX));
+            settings.prefetch = own.prefetch.unwrap_or(
+                u16::try_from(settings.concurrency.saturating_mul(2)).unwrap_or(u16::MAX),
+            );
         }
         loops.spawn(consume_loop(
             session.clone(),
