@@ -90,6 +90,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 mod error;
+mod group_commit;
 mod migrate;
 mod postgres;
 mod sqlite;

@@ -15,9 +15,10 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Connection, Executor, Row, Sqlite};
+use sqlx::{Connection, Executor, Row, Sqlite, SqliteConnection};
 
 use crate::error::{bad_url, redact_url};
+use crate::group_commit::GroupCommit;
 use crate::{
     CLAIM_RETRIES, Claim, ClaimToken, CompletionTx, Existing, IdempotencyStore, PURGE_BATCH,
     RawRecord, Record, StoreError, StoreOptions, json_text, lease_lost, millis,
@@ -43,6 +44,8 @@ macro_rules! fenced {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Claims and completions, committed in groups (see [`crate::group_commit`]).
+    batch: GroupCommit,
 }
 
 impl SqliteStore {
@@ -131,7 +134,8 @@ impl SqliteStore {
             .await?;
         tx.commit().await.map_err(StoreError::db("migrate"))?;
         drop(conn);
-        Ok(SqliteStore { pool })
+        let batch = GroupCommit::start(pool.clone());
+        Ok(SqliteStore { pool, batch })
     }
 
     /// The connection pool, for handler code that writes to the same file outside a
@@ -151,6 +155,74 @@ fn is_busy(e: &sqlx::Error) -> bool {
             .is_some_and(|c| c & 0xff == SQLITE_BUSY),
         _ => false,
     }
+}
+
+/// The claim decision for `key`, run on `conn` (inside the group commit's
+/// transaction, so no other writer can change the row between its
+/// statements). A [`StoreError::Database`] means the connection or the
+/// transaction failed; any other error is about this key's row alone.
+pub(crate) async fn claim_on(
+    conn: &mut SqliteConnection,
+    key: &str,
+    job_id: &str,
+    kind: &str,
+    owner: &str,
+    lease_ms: i64,
+) -> Result<Claim, StoreError> {
+    // One statement decides: insert a fresh claim, or take over a claimed row whose lease
+    // expired, bumping the epoch. A row that is not taken over is left untouched and
+    // RETURNING yields nothing.
+    for _ in 0..CLAIM_RETRIES {
+        let row = sqlx::query(CLAIM_SQL)
+            .bind(key)
+            .bind(job_id)
+            .bind(kind)
+            .bind(owner)
+            .bind(lease_ms)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(StoreError::db("claim"))?;
+        if let Some(row) = row {
+            let fencing: i64 = row.try_get(0).map_err(StoreError::db("claim"))?;
+            tracing::debug!(key, owner, fencing, "claim acquired");
+            return Ok(Claim::Acquired(ClaimToken {
+                key: key.to_owned(),
+                owner: owner.to_owned(),
+                fencing,
+            }));
+        }
+        let existing = sqlx::query(INSPECT_SQL)
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(StoreError::db("claim"))?;
+        let Some(row) = existing else {
+            continue; // deleted in between (forget/purge): try to insert again
+        };
+        let existing = Existing {
+            state: row.try_get("state").map_err(StoreError::db("claim"))?,
+            owner: row.try_get("owner").map_err(StoreError::db("claim"))?,
+            result: row.try_get("result").map_err(StoreError::db("claim"))?,
+            error: row.try_get("error").map_err(StoreError::db("claim"))?,
+            expires_in_ms: row
+                .try_get("expires_in_ms")
+                .map_err(StoreError::db("claim"))?,
+        };
+        let holder = existing.owner.clone();
+        if let Some(claim) = existing.into_claim(key)? {
+            return Ok(claim);
+        }
+        tracing::trace!(
+            key,
+            holder,
+            "lease expired between statements; claiming again"
+        );
+    }
+    // The row kept changing under us; let the caller retry later like any held key.
+    Ok(Claim::HeldElsewhere {
+        owner: String::new(),
+        expires_in: Duration::ZERO,
+    })
 }
 
 /// Marks the token's claim completed; returns rows changed (0 = lease lost).
@@ -268,60 +340,9 @@ impl IdempotencyStore for SqliteStore {
         owner: &str,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        // One statement decides: insert a fresh claim, or take over a claimed row whose lease
-        // expired, bumping the epoch. A row that is not taken over is left untouched and
-        // RETURNING yields nothing.
-        for _ in 0..CLAIM_RETRIES {
-            let row = sqlx::query(CLAIM_SQL)
-                .bind(key)
-                .bind(job_id)
-                .bind(kind)
-                .bind(owner)
-                .bind(millis(lease))
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(StoreError::db("claim"))?;
-            if let Some(row) = row {
-                let fencing: i64 = row.try_get(0).map_err(StoreError::db("claim"))?;
-                tracing::debug!(key, owner, fencing, "claim acquired");
-                return Ok(Claim::Acquired(ClaimToken {
-                    key: key.to_owned(),
-                    owner: owner.to_owned(),
-                    fencing,
-                }));
-            }
-            let existing = sqlx::query(INSPECT_SQL)
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(StoreError::db("claim"))?;
-            let Some(row) = existing else {
-                continue; // deleted in between (forget/purge): try to insert again
-            };
-            let existing = Existing {
-                state: row.try_get("state").map_err(StoreError::db("claim"))?,
-                owner: row.try_get("owner").map_err(StoreError::db("claim"))?,
-                result: row.try_get("result").map_err(StoreError::db("claim"))?,
-                error: row.try_get("error").map_err(StoreError::db("claim"))?,
-                expires_in_ms: row
-                    .try_get("expires_in_ms")
-                    .map_err(StoreError::db("claim"))?,
-            };
-            let holder = existing.owner.clone();
-            if let Some(claim) = existing.into_claim(key)? {
-                return Ok(claim);
-            }
-            tracing::trace!(
-                key,
-                holder,
-                "lease expired between statements; claiming again"
-            );
-        }
-        // The row kept changing under us; let the caller retry later like any held key.
-        Ok(Claim::HeldElsewhere {
-            owner: String::new(),
-            expires_in: Duration::ZERO,
-        })
+        self.batch
+            .claim(key, job_id, kind, owner, millis(lease))
+            .await
     }
 
     async fn complete(
@@ -329,15 +350,7 @@ impl IdempotencyStore for SqliteStore {
         token: &ClaimToken,
         result: &serde_json::Value,
     ) -> Result<(), StoreError> {
-        let n = mark_completed(&self.pool, token, &json_text(result))
-            .await
-            .map_err(StoreError::db("complete"))?;
-        if n == 1 {
-            tracing::debug!(key = %token.key, fencing = token.fencing, "completed");
-            Ok(())
-        } else {
-            Err(lease_lost(token))
-        }
+        self.batch.complete(token, json_text(result)).await
     }
 
     async fn begin_completion(&self, token: &ClaimToken) -> Result<CompletionTx, StoreError> {
