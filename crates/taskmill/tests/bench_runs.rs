@@ -183,6 +183,50 @@ fn latency_at_a_fixed_rate_has_percentiles_for_both_sides() {
 }
 
 #[test]
+fn mixed_reports_io_latency_with_the_pool_saturated_and_idle() {
+    let out = bench(&[
+        "mixed",
+        "--jobs",
+        "300",
+        "--rounds",
+        "1",
+        "--queue-type",
+        "classic",
+    ]);
+    let v = &out[0];
+    common_fields(v, "mixed");
+    assert_eq!(num(v, &["io_jobs"]), 300.0);
+    assert_eq!(num(v, &["jobs_not_ok"]), 0.0);
+    // Enqueue to finished includes the 100 ms sleep.
+    for side in ["saturated_ms", "idle_ms"] {
+        let p50 = num(v, &[side, "p50"]);
+        assert!(
+            p50 >= 100.0 && num(v, &[side, "p99"]) >= p50,
+            "{side}: {v:#}"
+        );
+    }
+    assert!(num(v, &["p99_bound_ms"]) == 300.0);
+    let rounds = v["per_round"].as_array().expect("per_round");
+    let sides: Vec<&str> = rounds.iter().map(|r| r["side"].as_str().unwrap()).collect();
+    assert_eq!(sides, ["idle", "saturated"]);
+    for r in rounds {
+        assert_eq!(num(r, &["samples"]), 300.0, "{r:#}");
+    }
+    // The CPU work outlasted the IO phase: the pool was busy, and work was
+    // still queued when the worker stopped.
+    assert!(num(v, &["cpu_pool_busy_pct"]) > 0.0, "{v:#}");
+    assert!(num(v, &["cpu_jobs_left_queued"]) > 0.0, "{v:#}");
+    assert_eq!(num(&rounds[0], &["cpu_jobs_done_in_io_phase"]), 0.0);
+    let targets = v["targets"].as_array().expect("targets");
+    assert!(
+        targets
+            .iter()
+            .any(|t| t["measure"] == "io p99 ms, pool saturated vs sleep"),
+        "{targets:#?}"
+    );
+}
+
+#[test]
 fn all_runs_every_scenario_and_leaves_no_queue_behind() {
     let out = bench(&[
         "all",
@@ -213,6 +257,7 @@ fn all_runs_every_scenario_and_leaves_no_queue_behind() {
         assert_eq!(v["jobs_not_ok"].as_f64().unwrap_or(0.0), 0.0, "{v:#}");
     }
     assert_eq!(out[5]["retries"], out[5]["jobs"], "one retry per job");
+    assert_eq!(num(&out[3], &["io_jobs"]), 100.0, "mixed gets a fortieth");
     let left = queues_of_run(out[0]["run_id"].as_str().unwrap());
     assert!(left.is_empty(), "queues left behind: {left:?}");
 }

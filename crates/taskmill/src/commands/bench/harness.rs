@@ -208,9 +208,33 @@ struct TallyInner {
     last_done: Option<Instant>,
     keep_waits: bool,
     waits: Vec<Duration>,
-    keep_kinds: bool,
-    /// Per kind: jobs, first start, last end.
-    kinds: Vec<(String, u64, Instant, Instant)>,
+    keep_jobs: bool,
+    jobs: Vec<JobRecord>,
+}
+
+/// One finished attempt, as the observer saw it (kept by
+/// [`Tally::keeping_jobs`]).
+#[derive(Debug, Clone)]
+pub(crate) struct JobRecord {
+    /// Kind.
+    pub(crate) kind: String,
+    /// Outcome of this attempt.
+    pub(crate) outcome: Outcome,
+    /// When the handler started (report time minus run time).
+    pub(crate) started: Instant,
+    /// When the report arrived (after the ack).
+    pub(crate) ended: Instant,
+    /// Enqueue to start, when the enqueue time is known.
+    pub(crate) queue_wait: Option<Duration>,
+    /// Time the handler ran.
+    pub(crate) run_time: Duration,
+}
+
+impl JobRecord {
+    /// Enqueue to finished: queue wait plus run time.
+    pub(crate) fn latency(&self) -> Option<Duration> {
+        Some(self.queue_wait? + self.run_time)
+    }
 }
 
 impl Tally {
@@ -221,20 +245,23 @@ impl Tally {
         t
     }
 
-    /// A tally that also times each kind on its own.
-    pub(crate) fn by_kind() -> Tally {
+    /// A tally that also keeps a [`JobRecord`] of every finished attempt
+    /// and the ids of the jobs that succeeded.
+    pub(crate) fn keeping_jobs() -> Tally {
         let t = Tally::default();
-        t.inner.lock().unwrap_or_else(|e| e.into_inner()).keep_kinds = true;
+        t.inner.lock().unwrap_or_else(|e| e.into_inner()).keep_jobs = true;
         t
     }
 
-    /// Per kind: (kind, jobs, first start to last end).
-    pub(crate) fn kind_spans(&self) -> Vec<(String, u64, Duration)> {
+    /// Attempts of `kind` finished so far (with [`Tally::keeping_jobs`]).
+    pub(crate) fn finished_of(&self, kind: &str) -> u64 {
         let i = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        i.kinds
-            .iter()
-            .map(|(k, n, first, last)| (k.clone(), *n, last.saturating_duration_since(*first)))
-            .collect()
+        i.jobs.iter().filter(|r| r.kind == kind).count() as u64
+    }
+
+    /// Takes the records kept so far, leaving none.
+    pub(crate) fn take_jobs(&self) -> Vec<JobRecord> {
+        std::mem::take(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()).jobs)
     }
 
     fn observe(&self, r: &JobReport) {
@@ -251,15 +278,15 @@ impl Tally {
             {
                 i.waits.push(w);
             }
-            if i.keep_kinds {
-                match i.kinds.iter_mut().find(|k| k.0 == r.kind) {
-                    Some(k) => {
-                        k.1 += 1;
-                        k.2 = k.2.min(started);
-                        k.3 = now;
-                    }
-                    None => i.kinds.push((r.kind.clone(), 1, started, now)),
-                }
+            if i.keep_jobs {
+                i.jobs.push(JobRecord {
+                    kind: r.kind.clone(),
+                    outcome: r.outcome,
+                    started,
+                    ended: now,
+                    queue_wait: r.queue_wait,
+                    run_time: r.run_time,
+                });
             }
         }
         if r.outcome == Outcome::Ok {
