@@ -2,6 +2,7 @@
 //! in-process worker whose finished jobs are tallied, timed enqueues, the
 //! ceiling, and reading the process's memory.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -197,7 +198,6 @@ pub(crate) fn deadline_for(n: u64) -> Duration {
 #[derive(Default)]
 pub(crate) struct Tally {
     done: AtomicU64,
-    ok: AtomicU64,
     not_ok: AtomicU64,
     inner: Mutex<TallyInner>,
 }
@@ -210,6 +210,8 @@ struct TallyInner {
     waits: Vec<Duration>,
     keep_jobs: bool,
     jobs: Vec<JobRecord>,
+    /// Ids of the jobs that succeeded at least once (kept with `keep_jobs`).
+    ok_ids: HashSet<String>,
 }
 
 /// One finished attempt, as the observer saw it (kept by
@@ -218,6 +220,8 @@ struct TallyInner {
 pub(crate) struct JobRecord {
     /// Kind.
     pub(crate) kind: String,
+    /// Job id (the same for every attempt of one job).
+    pub(crate) job_id: Option<String>,
     /// Outcome of this attempt.
     pub(crate) outcome: Outcome,
     /// When the handler started (report time minus run time).
@@ -253,6 +257,15 @@ impl Tally {
         t
     }
 
+    /// Distinct job ids that succeeded so far (with [`Tally::keeping_jobs`]).
+    pub(crate) fn distinct_ok(&self) -> u64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ok_ids
+            .len() as u64
+    }
+
     /// Attempts of `kind` finished so far (with [`Tally::keeping_jobs`]).
     pub(crate) fn finished_of(&self, kind: &str) -> u64 {
         let i = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -279,8 +292,15 @@ impl Tally {
                 i.waits.push(w);
             }
             if i.keep_jobs {
+                if r.outcome == Outcome::Ok
+                    && let Some(id) = &r.job_id
+                    && !i.ok_ids.contains(id)
+                {
+                    i.ok_ids.insert(id.clone());
+                }
                 i.jobs.push(JobRecord {
                     kind: r.kind.clone(),
+                    job_id: r.job_id.clone(),
                     outcome: r.outcome,
                     started,
                     ended: now,
@@ -289,9 +309,7 @@ impl Tally {
                 });
             }
         }
-        if r.outcome == Outcome::Ok {
-            self.ok.fetch_add(1, Ordering::Release);
-        } else {
+        if r.outcome != Outcome::Ok {
             self.not_ok.fetch_add(1, Ordering::Relaxed);
         }
         self.done.fetch_add(1, Ordering::Release);
@@ -300,11 +318,6 @@ impl Tally {
     /// Jobs finished (acked) so far.
     pub(crate) fn done(&self) -> u64 {
         self.done.load(Ordering::Acquire)
-    }
-
-    /// Jobs whose outcome was `ok`.
-    pub(crate) fn ok(&self) -> u64 {
-        self.ok.load(Ordering::Acquire)
     }
 
     /// Jobs whose outcome was not `ok`.
@@ -402,6 +415,21 @@ pub(crate) async fn enqueue(
     let took = start.elapsed();
     anyhow::ensure!(ids.len() as u64 == n, "{} of {n} jobs enqueued", ids.len());
     Ok(took)
+}
+
+/// Publishes `jobs` through the client's `enqueue_many`; returns their ids
+/// in order.
+pub(crate) async fn enqueue_jobs(
+    client: &Client,
+    jobs: Vec<NewJob>,
+) -> anyhow::Result<Vec<String>> {
+    let n = jobs.len();
+    let ids = client
+        .enqueue_many(jobs)
+        .await
+        .with_context(|| format!("enqueueing {n} jobs"))?;
+    anyhow::ensure!(ids.len() == n, "{} of {n} jobs enqueued", ids.len());
+    Ok(ids)
 }
 
 /// CPU time (user + system) this process used so far, from

@@ -61,8 +61,9 @@ pub enum Scenario {
     /// Open-loop load at 10/50/80 % of the noop drain rate: enqueue-to-start
     /// latency percentiles.
     Latency,
-    /// Jobs failing once with a retryable error: time to all succeeded vs
-    /// one backoff plus twice the noop drain time.
+    /// Jobs of which 20 % fail once with a retryable error, with a retry
+    /// backoff of 0 and of 1 s: completed jobs/s, retries per failing job,
+    /// and duplicates (jobs that succeeded twice; must be 0).
     Retry,
     /// 64 KiB and 1 MiB payloads: MB/s vs the ceiling.
     Payload,
@@ -99,10 +100,11 @@ pub struct BenchArgs {
     pub scenario: Scenario,
     /// Jobs: noop 200 000, io 20 000, cpu 300 (of ~10 ms per pool size; the
     /// ~1 ms runs get ten times as many), mixed 5 000 IO per phase (the CPU
-    /// work is sized to fill the pool meanwhile), retry 5 000, payload 2 000
-    /// (64 KiB; 1 MiB gets a tenth), celery 20 000 tasks per side and round.
-    /// With `all`, the noop count; io and celery get a tenth of it, mixed and
-    /// retry a fortieth, cpu and payload a hundredth (1 MiB a thousandth).
+    /// work is sized to fill the pool meanwhile), retry 20 000 per backoff
+    /// tier, payload 2 000 (64 KiB; 1 MiB gets a tenth), celery 20 000
+    /// tasks per side and round. With `all`, the noop count; io, retry and
+    /// celery get a tenth of it, mixed a fortieth, cpu and payload a
+    /// hundredth (1 MiB a thousandth).
     #[arg(long)]
     pub jobs: Option<u64>,
     /// Type of every queue the run declares, taskmill's and the ceiling's.
@@ -143,7 +145,7 @@ impl BenchArgs {
             (Scenario::Cpu, _, j) => (j.unwrap_or(cpu::DEFAULT_JOBS), 0),
             (Scenario::Mixed, true, Some(j)) => ((j / 40).max(100), 0),
             (Scenario::Mixed, _, j) => (j.unwrap_or(mixed::DEFAULT_JOBS), 0),
-            (Scenario::Retry, true, Some(j)) => ((j / 40).max(100), 0),
+            (Scenario::Retry, true, Some(j)) => ((j / 10).max(100), 0),
             (Scenario::Retry, _, j) => (j.unwrap_or(retry::DEFAULT_JOBS), 0),
             (Scenario::Payload, true, Some(j)) => ((j / 100).max(20), (j / 1_000).max(5)),
             (Scenario::Payload, _, j) => {
