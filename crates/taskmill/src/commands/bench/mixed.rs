@@ -50,6 +50,9 @@ struct Phase {
     saturated: bool,
     /// IO latencies (enqueue to finished), sorted.
     latencies: Vec<Duration>,
+    /// Their two parts, each sorted: enqueue to start, and run time.
+    queue_waits: Vec<Duration>,
+    run_times: Vec<Duration>,
     /// First IO publish to last IO job finished.
     window: Duration,
     /// Share of the window the pool processes held a CPU job, in %.
@@ -76,6 +79,8 @@ impl Phase {
             "side": self.side(),
             "samples": self.latencies.len(),
             "latency_ms": summary(&self.latencies),
+            "queue_wait_ms": summary(&self.queue_waits),
+            "run_ms": summary(&self.run_times),
             "io_phase_s": self.window.as_secs_f64(),
             "cpu_pool_busy_pct": self.busy_pct,
             "cpu_jobs_done_in_io_phase": self.cpu_done_in_window,
@@ -283,6 +288,11 @@ impl Setup<'_> {
             .filter_map(|r| r.latency())
             .collect();
         latencies.sort_unstable();
+        let io = || records.iter().filter(|r| r.kind == "io.sleep");
+        let mut queue_waits: Vec<Duration> = io().filter_map(|r| r.queue_wait).collect();
+        queue_waits.sort_unstable();
+        let mut run_times: Vec<Duration> = io().map(|r| r.run_time).collect();
+        run_times.sort_unstable();
         anyhow::ensure!(
             latencies.len() as u64 == sent,
             "{} of {sent} io jobs reported an enqueue time",
@@ -305,6 +315,8 @@ impl Setup<'_> {
         Ok(Phase {
             saturated,
             latencies,
+            queue_waits,
+            run_times,
             window,
             busy_pct,
             cpu_done_in_window,
