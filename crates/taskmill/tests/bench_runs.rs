@@ -183,6 +183,86 @@ fn latency_at_a_fixed_rate_has_percentiles_for_both_sides() {
 }
 
 #[test]
+fn retry_succeeds_every_job_exactly_once_in_both_tiers() {
+    let out = bench(&[
+        "retry",
+        "--jobs",
+        "500",
+        "--rounds",
+        "1",
+        "--queue-type",
+        "classic",
+    ]);
+    let v = &out[0];
+    common_fields(v, "retry");
+    assert_eq!(num(v, &["jobs"]), 500.0);
+    assert_eq!(num(v, &["failing_jobs"]), 100.0, "20 % fail once");
+    assert_eq!(num(v, &["duplicates"]), 0.0, "{v:#}");
+    assert_eq!(num(v, &["missing"]), 0.0);
+    assert_eq!(num(v, &["retries"]), 200.0, "100 per tier");
+    let tiers = v["tiers"].as_array().expect("tiers");
+    let backoffs: Vec<f64> = tiers.iter().map(|t| num(t, &["backoff_ms"])).collect();
+    assert_eq!(backoffs, [0.0, 1000.0]);
+    for t in tiers {
+        assert_eq!(num(t, &["retries_per_failing_job"]), 1.0, "{t:#}");
+        assert_eq!(num(t, &["duplicates"]), 0.0, "{t:#}");
+        assert!(num(t, &["completed_jobs_per_s"]) > 0.0, "{t:#}");
+        assert!(num(t, &["ideal_jobs_per_s"]) > 0.0, "{t:#}");
+        // The last failing job's copy waits out its backoff.
+        assert!(num(t, &["drain_s"]) >= num(t, &["backoff_ms"]) / 1000.0);
+    }
+    let targets = v["targets"].as_array().expect("targets");
+    assert_eq!(targets.len(), 2, "one duplicates target per tier");
+    assert!(targets.iter().all(|t| t["met"] == true), "{targets:#?}");
+    let left = queues_of_run(v["run_id"].as_str().unwrap());
+    assert!(left.is_empty(), "queues left behind: {left:?}");
+}
+
+#[test]
+fn mixed_reports_io_latency_with_the_pool_saturated_and_idle() {
+    let out = bench(&[
+        "mixed",
+        "--jobs",
+        "300",
+        "--rounds",
+        "1",
+        "--queue-type",
+        "classic",
+    ]);
+    let v = &out[0];
+    common_fields(v, "mixed");
+    assert_eq!(num(v, &["io_jobs"]), 300.0);
+    assert_eq!(num(v, &["jobs_not_ok"]), 0.0);
+    // Enqueue to finished includes the 100 ms sleep.
+    for side in ["saturated_ms", "idle_ms"] {
+        let p50 = num(v, &[side, "p50"]);
+        assert!(
+            p50 >= 100.0 && num(v, &[side, "p99"]) >= p50,
+            "{side}: {v:#}"
+        );
+    }
+    assert!(num(v, &["p99_bound_ms"]) == 300.0);
+    let rounds = v["per_round"].as_array().expect("per_round");
+    let sides: Vec<&str> = rounds.iter().map(|r| r["side"].as_str().unwrap()).collect();
+    assert_eq!(sides, ["idle", "saturated"]);
+    for r in rounds {
+        assert_eq!(num(r, &["samples"]), 300.0, "{r:#}");
+    }
+    // The CPU work outlasted the IO phase: the pool was busy, and work was
+    // still queued when the worker stopped.
+    assert!(num(v, &["cpu_pool_busy_pct"]) > 0.0, "{v:#}");
+    assert!(num(v, &["cpu_jobs_left_queued"]) > 0.0, "{v:#}");
+    assert_eq!(num(&rounds[0], &["cpu_jobs_done_in_io_phase"]), 0.0);
+    let targets = v["targets"].as_array().expect("targets");
+    assert!(
+        targets
+            .iter()
+            .any(|t| t["measure"] == "io p99 ms, pool saturated vs sleep"),
+        "{targets:#?}"
+    );
+}
+
+#[test]
 fn all_runs_every_scenario_and_leaves_no_queue_behind() {
     let out = bench(&[
         "all",
@@ -212,7 +292,15 @@ fn all_runs_every_scenario_and_leaves_no_queue_behind() {
         assert_eq!(v["run_id"], out[0]["run_id"], "one run");
         assert_eq!(v["jobs_not_ok"].as_f64().unwrap_or(0.0), 0.0, "{v:#}");
     }
-    assert_eq!(out[5]["retries"], out[5]["jobs"], "one retry per job");
+    let retry = &out[5];
+    assert_eq!(num(retry, &["jobs"]), 200.0, "retry gets a tenth");
+    assert_eq!(num(retry, &["duplicates"]), 0.0, "{retry:#}");
+    assert_eq!(
+        num(retry, &["retries"]),
+        2.0 * num(retry, &["failing_jobs"]),
+        "one retry per failing job in each of the two tiers"
+    );
+    assert_eq!(num(&out[3], &["io_jobs"]), 100.0, "mixed gets a fortieth");
     let left = queues_of_run(out[0]["run_id"].as_str().unwrap());
     assert!(left.is_empty(), "queues left behind: {left:?}");
 }

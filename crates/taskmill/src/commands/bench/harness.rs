@@ -2,6 +2,7 @@
 //! in-process worker whose finished jobs are tallied, timed enqueues, the
 //! ceiling, and reading the process's memory.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -197,7 +198,6 @@ pub(crate) fn deadline_for(n: u64) -> Duration {
 #[derive(Default)]
 pub(crate) struct Tally {
     done: AtomicU64,
-    ok: AtomicU64,
     not_ok: AtomicU64,
     inner: Mutex<TallyInner>,
 }
@@ -208,9 +208,37 @@ struct TallyInner {
     last_done: Option<Instant>,
     keep_waits: bool,
     waits: Vec<Duration>,
-    keep_kinds: bool,
-    /// Per kind: jobs, first start, last end.
-    kinds: Vec<(String, u64, Instant, Instant)>,
+    keep_jobs: bool,
+    jobs: Vec<JobRecord>,
+    /// Ids of the jobs that succeeded at least once (kept with `keep_jobs`).
+    ok_ids: HashSet<String>,
+}
+
+/// One finished attempt, as the observer saw it (kept by
+/// [`Tally::keeping_jobs`]).
+#[derive(Debug, Clone)]
+pub(crate) struct JobRecord {
+    /// Kind.
+    pub(crate) kind: String,
+    /// Job id (the same for every attempt of one job).
+    pub(crate) job_id: Option<String>,
+    /// Outcome of this attempt.
+    pub(crate) outcome: Outcome,
+    /// When the handler started (report time minus run time).
+    pub(crate) started: Instant,
+    /// When the report arrived (after the ack).
+    pub(crate) ended: Instant,
+    /// Enqueue to start, when the enqueue time is known.
+    pub(crate) queue_wait: Option<Duration>,
+    /// Time the handler ran.
+    pub(crate) run_time: Duration,
+}
+
+impl JobRecord {
+    /// Enqueue to finished: queue wait plus run time.
+    pub(crate) fn latency(&self) -> Option<Duration> {
+        Some(self.queue_wait? + self.run_time)
+    }
 }
 
 impl Tally {
@@ -221,20 +249,32 @@ impl Tally {
         t
     }
 
-    /// A tally that also times each kind on its own.
-    pub(crate) fn by_kind() -> Tally {
+    /// A tally that also keeps a [`JobRecord`] of every finished attempt
+    /// and the ids of the jobs that succeeded.
+    pub(crate) fn keeping_jobs() -> Tally {
         let t = Tally::default();
-        t.inner.lock().unwrap_or_else(|e| e.into_inner()).keep_kinds = true;
+        t.inner.lock().unwrap_or_else(|e| e.into_inner()).keep_jobs = true;
         t
     }
 
-    /// Per kind: (kind, jobs, first start to last end).
-    pub(crate) fn kind_spans(&self) -> Vec<(String, u64, Duration)> {
+    /// Distinct job ids that succeeded so far (with [`Tally::keeping_jobs`]).
+    pub(crate) fn distinct_ok(&self) -> u64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ok_ids
+            .len() as u64
+    }
+
+    /// Attempts of `kind` finished so far (with [`Tally::keeping_jobs`]).
+    pub(crate) fn finished_of(&self, kind: &str) -> u64 {
         let i = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        i.kinds
-            .iter()
-            .map(|(k, n, first, last)| (k.clone(), *n, last.saturating_duration_since(*first)))
-            .collect()
+        i.jobs.iter().filter(|r| r.kind == kind).count() as u64
+    }
+
+    /// Takes the records kept so far, leaving none.
+    pub(crate) fn take_jobs(&self) -> Vec<JobRecord> {
+        std::mem::take(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()).jobs)
     }
 
     fn observe(&self, r: &JobReport) {
@@ -251,20 +291,25 @@ impl Tally {
             {
                 i.waits.push(w);
             }
-            if i.keep_kinds {
-                match i.kinds.iter_mut().find(|k| k.0 == r.kind) {
-                    Some(k) => {
-                        k.1 += 1;
-                        k.2 = k.2.min(started);
-                        k.3 = now;
-                    }
-                    None => i.kinds.push((r.kind.clone(), 1, started, now)),
+            if i.keep_jobs {
+                if r.outcome == Outcome::Ok
+                    && let Some(id) = &r.job_id
+                    && !i.ok_ids.contains(id)
+                {
+                    i.ok_ids.insert(id.clone());
                 }
+                i.jobs.push(JobRecord {
+                    kind: r.kind.clone(),
+                    job_id: r.job_id.clone(),
+                    outcome: r.outcome,
+                    started,
+                    ended: now,
+                    queue_wait: r.queue_wait,
+                    run_time: r.run_time,
+                });
             }
         }
-        if r.outcome == Outcome::Ok {
-            self.ok.fetch_add(1, Ordering::Release);
-        } else {
+        if r.outcome != Outcome::Ok {
             self.not_ok.fetch_add(1, Ordering::Relaxed);
         }
         self.done.fetch_add(1, Ordering::Release);
@@ -273,11 +318,6 @@ impl Tally {
     /// Jobs finished (acked) so far.
     pub(crate) fn done(&self) -> u64 {
         self.done.load(Ordering::Acquire)
-    }
-
-    /// Jobs whose outcome was `ok`.
-    pub(crate) fn ok(&self) -> u64 {
-        self.ok.load(Ordering::Acquire)
     }
 
     /// Jobs whose outcome was not `ok`.
@@ -375,6 +415,21 @@ pub(crate) async fn enqueue(
     let took = start.elapsed();
     anyhow::ensure!(ids.len() as u64 == n, "{} of {n} jobs enqueued", ids.len());
     Ok(took)
+}
+
+/// Publishes `jobs` through the client's `enqueue_many`; returns their ids
+/// in order.
+pub(crate) async fn enqueue_jobs(
+    client: &Client,
+    jobs: Vec<NewJob>,
+) -> anyhow::Result<Vec<String>> {
+    let n = jobs.len();
+    let ids = client
+        .enqueue_many(jobs)
+        .await
+        .with_context(|| format!("enqueueing {n} jobs"))?;
+    anyhow::ensure!(ids.len() == n, "{} of {n} jobs enqueued", ids.len());
+    Ok(ids)
 }
 
 /// CPU time (user + system) this process used so far, from

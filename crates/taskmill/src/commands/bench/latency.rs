@@ -83,6 +83,7 @@ pub(crate) async fn run(
         eprintln!("latency: warm-up, 1 s at {lowest:.0} jobs/s");
         let (sent, _) = open_loop(
             &publisher,
+            "noop",
             &queue,
             &payload,
             lowest,
@@ -113,6 +114,7 @@ pub(crate) async fn run(
             let before = worker.tally.done();
             let (sent, lag) = open_loop(
                 &publisher,
+                "noop",
                 &queue,
                 &payload,
                 level.rate,
@@ -205,11 +207,13 @@ pub(crate) async fn run(
     })
 }
 
-fn ms(d: Option<Duration>) -> f64 {
+/// A duration in ms, 0 for none.
+pub(crate) fn ms(d: Option<Duration>) -> f64 {
     d.map_or(0.0, millis)
 }
 
-fn summary(sorted: &[Duration]) -> Value {
+/// p50, p99, p99.9 and max of `sorted` (ascending), in ms.
+pub(crate) fn summary(sorted: &[Duration]) -> Value {
     json!({
         "p50": ms(quantile(sorted, 0.5)),
         "p99": ms(quantile(sorted, 0.99)),
@@ -218,11 +222,12 @@ fn summary(sorted: &[Duration]) -> Value {
     })
 }
 
-/// Publishes noop jobs to `queue` at `rate` per second for `duration`, on
+/// Publishes `kind` jobs to `queue` at `rate` per second for `duration`, on
 /// schedule: each publish is sent when due and its confirm is awaited by
 /// another task. Returns how many were sent and how late each send was.
-async fn open_loop(
+pub(crate) async fn open_loop(
     publisher: &Publisher,
+    kind: &str,
     queue: &str,
     payload: &[u8],
     rate: f64,
@@ -250,7 +255,7 @@ async fn open_loop(
         let now = Instant::now();
         while sent < total && due(sent) <= now {
             // The job is stamped now, as `enqueue` would stamp it.
-            let env = Envelope::new("noop", queue, payload.to_vec());
+            let env = Envelope::new(kind, queue, payload.to_vec());
             env.validate(max_payload_bytes)?;
             lag.push(Instant::now().saturating_duration_since(due(sent)));
             let pending = publisher.send(&Outgoing::job(&env)).await?;

@@ -54,14 +54,16 @@ pub enum Scenario {
     /// with 1 and N processes: jobs/s, speed-up N vs 1, and the pool's
     /// hand-off round trip p50/p99.
     Cpu,
-    /// `io` and `cpu` loads at once in one worker: each kind's drain time
-    /// together vs alone.
+    /// A stream of `io.sleep` 100 ms jobs while `cpu.hash` jobs saturate the
+    /// CPU pool of the same worker: the IO jobs' enqueue-to-finished latency
+    /// p50/p99 vs the sleep time and vs the same stream with the pool idle.
     Mixed,
     /// Open-loop load at 10/50/80 % of the noop drain rate: enqueue-to-start
     /// latency percentiles.
     Latency,
-    /// Jobs failing once with a retryable error: time to all succeeded vs
-    /// one backoff plus twice the noop drain time.
+    /// Jobs of which 20 % fail once with a retryable error, with a retry
+    /// backoff of 0 and of 1 s: completed jobs/s, retries per failing job,
+    /// and duplicates (jobs that succeeded twice; must be 0).
     Retry,
     /// 64 KiB and 1 MiB payloads: MB/s vs the ceiling.
     Payload,
@@ -97,11 +99,12 @@ pub struct BenchArgs {
     #[arg(value_enum)]
     pub scenario: Scenario,
     /// Jobs: noop 200 000, io 20 000, cpu 300 (of ~10 ms per pool size; the
-    /// ~1 ms runs get ten times as many), mixed 10 000 IO (and a tenth as
-    /// many CPU), retry 5 000, payload 2 000 (64 KiB; 1 MiB gets a tenth),
-    /// celery 20 000 tasks per side and round. With `all`, the noop count;
-    /// io and celery get a tenth of it, mixed a twentieth, retry a fortieth,
-    /// cpu and payload a hundredth (1 MiB a thousandth).
+    /// ~1 ms runs get ten times as many), mixed 5 000 IO per phase (the CPU
+    /// work is sized to fill the pool meanwhile), retry 20 000 per backoff
+    /// tier, payload 2 000 (64 KiB; 1 MiB gets a tenth), celery 20 000
+    /// tasks per side and round. With `all`, the noop count; io, retry and
+    /// celery get a tenth of it, mixed a fortieth, cpu and payload a
+    /// hundredth (1 MiB a thousandth).
     #[arg(long)]
     pub jobs: Option<u64>,
     /// Type of every queue the run declares, taskmill's and the ceiling's.
@@ -140,12 +143,9 @@ impl BenchArgs {
             (Scenario::Io, _, j) => (j.unwrap_or(io::DEFAULT_JOBS), 0),
             (Scenario::Cpu, true, Some(j)) => ((j / 100).max(20), 0),
             (Scenario::Cpu, _, j) => (j.unwrap_or(cpu::DEFAULT_JOBS), 0),
-            (Scenario::Mixed, true, Some(j)) => ((j / 20).max(100), (j / 200).max(10)),
-            (Scenario::Mixed, _, j) => {
-                let n = j.unwrap_or(io::DEFAULT_JOBS / 2);
-                (n, (n / 10).max(10))
-            }
-            (Scenario::Retry, true, Some(j)) => ((j / 40).max(100), 0),
+            (Scenario::Mixed, true, Some(j)) => ((j / 40).max(100), 0),
+            (Scenario::Mixed, _, j) => (j.unwrap_or(mixed::DEFAULT_JOBS), 0),
+            (Scenario::Retry, true, Some(j)) => ((j / 10).max(100), 0),
             (Scenario::Retry, _, j) => (j.unwrap_or(retry::DEFAULT_JOBS), 0),
             (Scenario::Payload, true, Some(j)) => ((j / 100).max(20), (j / 1_000).max(5)),
             (Scenario::Payload, _, j) => {
@@ -245,7 +245,7 @@ async fn run_one(
         Scenario::Noop => noop::run(b, n, args.rounds).await,
         Scenario::Io => io::run(b, n, args.rounds, args.in_flight).await,
         Scenario::Cpu => cpu::run(b, n, args.rounds).await,
-        Scenario::Mixed => mixed::run(b, n, m, args.rounds).await,
+        Scenario::Mixed => mixed::run(b, n, args.rounds).await,
         Scenario::Latency => latency::run(b, args.rate, args.seconds, n).await,
         Scenario::Retry => retry::run(b, n, args.rounds).await,
         Scenario::Payload => payload::run(b, n, m, args.rounds).await,

@@ -67,6 +67,22 @@ impl Target {
         }
     }
 
+    /// `count == 0`: a correctness figure (e.g. duplicates); the verdict
+    /// says how many `what` there were.
+    pub(crate) fn none(count: u64, what: &str) -> Target {
+        let met = count == 0;
+        Target {
+            target: "= 0".to_string(),
+            met,
+            verdict: if met {
+                "met".to_string()
+            } else {
+                format!("missed: {count} {what}")
+            },
+            informative: false,
+        }
+    }
+
     /// Marks the verdict as information only.
     pub(crate) fn informative(mut self) -> Target {
         self.informative = true;
@@ -259,6 +275,10 @@ mod tests {
             Target::at_least(70.0, 80.0, "x".into()).verdict,
             "missed by 10.0 points"
         );
+        assert_eq!(Target::none(0, "duplicates").verdict, "met");
+        let t = Target::none(2, "duplicates");
+        assert!(!t.met);
+        assert_eq!(t.verdict, "missed: 2 duplicates");
         let t = Target::at_most(3.0, 2.0, "x".into(), " ms");
         assert!(!t.met);
         assert_eq!(t.verdict, "missed by 1.00 ms (50 % over)");
