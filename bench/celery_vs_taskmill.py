@@ -141,7 +141,7 @@ def make_app(url, results):
     return importlib.reload(celery_bench_app).app
 
 
-def send(app, queue, n):
+def send(app, queue, n, connection=None):
     """Sends n no-op tasks with one producer; returns the AsyncResults and the time.
 
     Each message carries the app's `task_ignore_result` in its
@@ -152,7 +152,12 @@ def send(app, queue, n):
     ignore = bool(app.conf.task_ignore_result)
     t0 = time.perf_counter()
     out = []
-    with app.producer_or_acquire() as producer:
+    producer_cm = (
+        app.amqp.Producer(connection, auto_declare=False)
+        if connection is not None
+        else app.producer_or_acquire()
+    )
+    with producer_cm as producer:
         for i in range(n):
             out.append(
                 app.send_task("noop", args=[i], queue=queue, producer=producer, ignore_result=ignore)
@@ -342,7 +347,16 @@ def publish(argv):
     p.add_argument("--amqp-url", default=default_amqp_url())
     args = p.parse_args(argv)
     app = make_app(args.amqp_url, results=False)
-    _, seconds = send(app, args.queue, args.n)
+    # The sends have no publisher confirms: they go over a connection of our
+    # own, closed with the AMQP close handshake, which the broker answers
+    # only after every publish before it. Exiting with the app's pooled
+    # connection still open could reset the socket and lose the last
+    # messages in flight.
+    conn = app.connection_for_write()
+    try:
+        _, seconds = send(app, args.queue, args.n, connection=conn)
+    finally:
+        conn.close()
     print(json.dumps({"tasks": args.n, "send_seconds": seconds}), flush=True)
 
 
