@@ -29,6 +29,9 @@ use tokio::sync::Notify;
 
 use crate::connection::BrokerError;
 
+/// How often an idle flusher checks that its channel is still open.
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What is known about one delivery of the channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Settle {
@@ -177,11 +180,22 @@ fn take(st: &mut State) -> (Option<u64>, Vec<u64>) {
     (prefix, singles)
 }
 
-/// Sends recorded acks until the batch is closed. After a wake-up it yields
-/// once, so the jobs that finish in the same scheduler pass join the batch.
+/// Sends recorded acks until the batch is closed or its channel is gone
+/// (checked at least every [`IDLE_CHECK`], so a session lost without
+/// `Consumer::close` does not leave this task behind). After a wake-up it
+/// yields once, so the jobs that finish in the same scheduler pass join the
+/// batch.
 async fn flusher(batch: Arc<AckBatch>) {
     loop {
-        batch.wake.notified().await;
+        if tokio::time::timeout(IDLE_CHECK, batch.wake.notified())
+            .await
+            .is_err()
+        {
+            if !batch.channel.status().connected() {
+                return; // nothing recorded now can be sent any more
+            }
+            continue;
+        }
         if batch.state().closed {
             return;
         }
