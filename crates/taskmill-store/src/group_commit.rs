@@ -11,12 +11,12 @@
 //! timer.
 //!
 //! A database error inside the batch (the connection or the transaction failed) rolls
-//! the whole batch back and every caller in it gets the error, as if its own statement
-//! had failed; an answer about one key's row (a lost lease, a row that cannot be read)
-//! goes to that caller alone and the batch goes on.
+//! the whole batch back: the caller whose statement failed gets that statement's own
+//! error, every other caller a transient "group commit failed" error; an answer about
+//! one key's row (a lost lease, a row that cannot be read) goes to that caller alone
+//! and the batch goes on.
 
-use sqlx::Connection;
-use sqlx::SqlitePool;
+use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::sqlite::{claim_on, mark_completed};
@@ -27,61 +27,46 @@ const MAX_BATCH: usize = 256;
 /// Requests waiting for the writer before callers wait to enqueue theirs.
 const QUEUE: usize = 4096;
 
-enum Op {
+/// What one caller asks the writer to do.
+enum Work {
     Claim {
         key: String,
         job_id: String,
         kind: String,
         owner: String,
         lease_ms: i64,
-        reply: oneshot::Sender<Result<Claim, StoreError>>,
     },
     Complete {
         token: ClaimToken,
         result: String,
-        reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
 
-/// An answer decided inside the transaction, sent only after it commits.
-enum Answer {
-    Claim(
-        oneshot::Sender<Result<Claim, StoreError>>,
-        Result<Claim, StoreError>,
-    ),
-    Complete(
-        oneshot::Sender<Result<(), StoreError>>,
-        Result<(), StoreError>,
-    ),
-}
-
-impl Answer {
-    fn send(self) {
-        // A caller that stopped waiting (its job was cancelled) loses nothing: the
-        // write is committed either way, as it would be without batching.
+impl Work {
+    /// The store operation, as [`StoreError::Database`] names it.
+    fn name(&self) -> &'static str {
         match self {
-            Answer::Claim(tx, r) => drop(tx.send(r)),
-            Answer::Complete(tx, r) => drop(tx.send(r)),
-        }
-    }
-
-    fn fail(self, op: &'static str, why: &str) {
-        match self {
-            Answer::Claim(tx, _) => drop(tx.send(Err(batch_error(op, why)))),
-            Answer::Complete(tx, _) => drop(tx.send(Err(batch_error(op, why)))),
+            Work::Claim { .. } => "claim",
+            Work::Complete { .. } => "complete",
         }
     }
 }
 
-impl Op {
-    fn fail(self, op: &'static str, why: &str) {
-        match self {
-            Op::Claim { reply, .. } => drop(reply.send(Err(batch_error(op, why)))),
-            Op::Complete { reply, .. } => drop(reply.send(Err(batch_error(op, why)))),
-        }
-    }
+/// What the writer answers: the claim, or that the completion is recorded.
+enum Done {
+    Claim(Claim),
+    Completed,
 }
 
+type Reply = oneshot::Sender<Result<Done, StoreError>>;
+
+struct Op {
+    work: Work,
+    reply: Reply,
+}
+
+/// The error every caller of a batch that did not commit gets (transient: the
+/// same request in another batch can succeed).
 fn batch_error(op: &'static str, why: &str) -> StoreError {
     StoreError::Database {
         op,
@@ -112,19 +97,17 @@ impl GroupCommit {
         owner: &str,
         lease_ms: i64,
     ) -> Result<Claim, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let op = Op::Claim {
+        let work = Work::Claim {
             key: key.to_owned(),
             job_id: job_id.to_owned(),
             kind: kind.to_owned(),
             owner: owner.to_owned(),
             lease_ms,
-            reply,
         };
-        self.submit(op, "claim").await?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(batch_error("claim", "the store writer stopped")))
+        match self.call(work).await? {
+            Done::Claim(claim) => Ok(claim),
+            Done::Completed => unreachable!("a claim is answered with a claim"),
+        }
     }
 
     pub(crate) async fn complete(
@@ -132,23 +115,26 @@ impl GroupCommit {
         token: &ClaimToken,
         result: String,
     ) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let op = Op::Complete {
+        let work = Work::Complete {
             token: token.clone(),
             result,
-            reply,
         };
-        self.submit(op, "complete").await?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(batch_error("complete", "the store writer stopped")))
+        self.call(work).await.map(|_| ())
     }
 
-    async fn submit(&self, op: Op, name: &'static str) -> Result<(), StoreError> {
+    /// Queues `work` for the writer and waits for its answer, given after the
+    /// commit.
+    async fn call(&self, work: Work) -> Result<Done, StoreError> {
+        const STOPPED: &str = "the store writer stopped";
+        let name = work.name();
+        let (reply, answer) = oneshot::channel();
         self.tx
-            .send(op)
+            .send(Op { work, reply })
             .await
-            .map_err(|_| batch_error(name, "the store writer stopped"))
+            .map_err(|_| batch_error(name, STOPPED))?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(batch_error(name, STOPPED)))
     }
 }
 
@@ -159,76 +145,93 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<Op>) {
     }
 }
 
-/// Runs and commits `batch` (emptied), then answers every caller in it.
+/// Fails every request of `batch` (emptied) with `why`.
+fn fail_all(batch: &mut Vec<Op>, why: &str) {
+    for op in batch.drain(..) {
+        let _ = op.reply.send(Err(batch_error(op.work.name(), why)));
+    }
+}
+
+/// Runs `work` inside the batch's transaction. `Err` is a database error: the
+/// transaction can no longer be trusted. `Ok` holds this request's own answer
+/// (which may be an error about its key alone, such as a lost lease).
+async fn run_one(
+    tx: &mut SqliteConnection,
+    work: &Work,
+) -> Result<Result<Done, StoreError>, StoreError> {
+    match work {
+        Work::Claim {
+            key,
+            job_id,
+            kind,
+            owner,
+            lease_ms,
+        } => match claim_on(tx, key, job_id, kind, owner, *lease_ms).await {
+            Err(e @ StoreError::Database { .. }) => Err(e),
+            r => Ok(r.map(Done::Claim)),
+        },
+        Work::Complete { token, result } => match mark_completed(tx, token, result).await {
+            Ok(1) => Ok(Ok(Done::Completed)),
+            Ok(_) => Ok(Err(lease_lost(token))),
+            Err(e) => Err(StoreError::db("complete")(e)),
+        },
+    }
+}
+
+/// Runs and commits `batch` (emptied), then answers every caller in it. When a
+/// statement fails, its caller gets that statement's own error; the others in
+/// the batch, rolled back with it, get a transient batch error.
 async fn run_batch(pool: &SqlitePool, batch: &mut Vec<Op>) {
     let mut conn = match pool.acquire().await {
         Ok(c) => c,
-        Err(e) => {
-            let why = e.to_string();
-            batch.drain(..).for_each(|op| op.fail("claim", &why));
-            return;
-        }
+        Err(e) => return fail_all(batch, &e.to_string()),
     };
     let mut tx = match conn.begin_with("BEGIN IMMEDIATE").await {
         Ok(tx) => tx,
-        Err(e) => {
-            let why = e.to_string();
-            batch.drain(..).for_each(|op| op.fail("claim", &why));
-            return;
-        }
+        Err(e) => return fail_all(batch, &e.to_string()),
     };
     let mut answers = Vec::with_capacity(batch.len());
-    let mut failure: Option<(&'static str, String)> = None;
-    let mut ops = batch.drain(..);
-    for op in ops.by_ref() {
-        match op {
-            Op::Claim {
-                key,
-                job_id,
-                kind,
-                owner,
-                lease_ms,
-                reply,
-            } => {
-                let r = claim_on(&mut tx, &key, &job_id, &kind, &owner, lease_ms).await;
-                if let Err(e @ StoreError::Database { .. }) = &r {
-                    failure = Some(("claim", e.to_string()));
-                }
-                answers.push(Answer::Claim(reply, r));
+    let mut failure = None;
+    for op in batch.iter() {
+        match run_one(&mut tx, &op.work).await {
+            Ok(answer) => answers.push(answer),
+            Err(e) => {
+                failure = Some(e);
+                break;
             }
-            Op::Complete {
-                token,
-                result,
-                reply,
-            } => {
-                let r = match mark_completed(&mut *tx, &token, &result).await {
-                    Ok(1) => Ok(()),
-                    Ok(_) => Err(lease_lost(&token)),
-                    Err(e) => {
-                        failure = Some(("complete", e.to_string()));
-                        Err(batch_error("complete", &e.to_string()))
-                    }
-                };
-                answers.push(Answer::Complete(reply, r));
-            }
-        }
-        if failure.is_some() {
-            break;
         }
     }
-    let outcome = match failure {
-        None => tx.commit().await.map_err(|e| ("commit", e.to_string())),
-        Some(f) => {
+    // (the failing statement's own error, the reason every other caller hears)
+    let failed = match failure {
+        None => match tx.commit().await {
+            Ok(()) => None,
+            Err(e) => Some((None, format!("commit: {e}"))),
+        },
+        Some(e) => {
             let _ = tx.rollback().await;
-            Err(f)
+            let why = e.to_string();
+            Some((Some(e), why))
         }
     };
-    match outcome {
-        Ok(()) => answers.into_iter().for_each(Answer::send),
-        Err((op, why)) => {
-            tracing::warn!(op, error = %why, requests = answers.len(), "store group commit failed; rolled back");
-            answers.into_iter().for_each(|a| a.fail(op, &why));
-            ops.for_each(|o| o.fail(op, &why));
+    // A caller that stopped waiting (its job was cancelled) loses nothing: its
+    // write is committed or rolled back with the batch either way.
+    match failed {
+        None => {
+            for (op, answer) in batch.drain(..).zip(answers) {
+                let _ = op.reply.send(answer);
+            }
+        }
+        Some((mut own, why)) => {
+            tracing::warn!(error = %why, requests = batch.len(), "store group commit failed; rolled back");
+            // With a failed statement, it is the one after the last answer.
+            let failed_at = answers.len();
+            for (i, op) in batch.drain(..).enumerate() {
+                let err = (i == failed_at)
+                    .then(|| own.take())
+                    .flatten()
+                    .unwrap_or_else(|| batch_error(op.work.name(), &why));
+                let _ = op.reply.send(Err(err));
+            }
         }
     }
 }
