@@ -85,7 +85,10 @@ impl Consumer {
                     acks: self.acks.clone(),
                 }
             })
-            .map_err(|e| BrokerError::op(format!("consume {}", self.queue))(e)),
+            .map_err(|source| BrokerError::Op {
+                op: format!("consume {}", self.queue),
+                source,
+            }),
         )
     }
 

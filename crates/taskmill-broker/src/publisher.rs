@@ -233,7 +233,10 @@ impl Publisher {
                 msg.properties.clone(),
             )
             .await
-            .map_err(|e| BrokerError::op(format!("basic.publish to {}", msg.routing_key))(e))?;
+            .map_err(|source| BrokerError::Op {
+                op: format!("basic.publish to {}", msg.routing_key),
+                source,
+            })?;
         Ok(PendingConfirm {
             confirm,
             exchange: msg.exchange.clone(),

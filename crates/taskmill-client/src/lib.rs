@@ -245,12 +245,15 @@ impl Client {
         Ok(())
     }
 
-    async fn prepare(&self, job: &NewJob, conn: &Conn) -> Result<Outgoing, EnqueueError> {
-        self.check(job)?;
-        if job.delay.is_zero() {
-            return Ok(Outgoing::job(&job.env));
+    /// Checks `job` and turns it into its message (moving the payload, not
+    /// copying it); also returns the job id.
+    async fn prepare(&self, job: NewJob, conn: &Conn) -> Result<(String, Outgoing), EnqueueError> {
+        self.check(&job)?;
+        let NewJob { mut env, delay, .. } = job;
+        let id = env.job_id.clone();
+        if delay.is_zero() {
+            return Ok((id, Outgoing::job_owned(env)));
         }
-        let mut env = job.env.clone();
         self.delays_declared
             .get_or_try_init(|| async { conn.broker.declare_delays().await })
             .await?;
@@ -261,35 +264,35 @@ impl Client {
             .await
             .map_err(|_| EnqueueError::NoSuchQueue(env.queue.clone()))?;
         env.enqueued_at_us = Some(
-            taskmill_core::wire::now_us()
-                + u64::try_from(job.delay.as_micros()).unwrap_or(u64::MAX),
+            taskmill_core::wire::now_us() + u64::try_from(delay.as_micros()).unwrap_or(u64::MAX),
         );
-        Outgoing::job_delayed(&env, job.delay).map_err(EnqueueError::Delay)
+        let msg = Outgoing::job_delayed(&env, delay).map_err(EnqueueError::Delay)?;
+        Ok((id, msg))
     }
 
     /// Publishes one job and returns its id once the broker confirmed it.
     pub async fn enqueue(&self, mut job: NewJob) -> Result<String, EnqueueError> {
         let span = Self::span(&mut job);
-        let result = self.enqueue_in_span(&job).instrument(span.clone()).await;
+        let result = self.enqueue_in_span(job).instrument(span.clone()).await;
         if let Err(e) = &result {
             spans::record_outcome(&span, "error", Some(&e.to_string()));
         }
-        result.map(|()| job.env.job_id)
+        result
     }
 
-    async fn enqueue_in_span(&self, job: &NewJob) -> Result<(), EnqueueError> {
+    async fn enqueue_in_span(&self, job: NewJob) -> Result<String, EnqueueError> {
         let conn = self.conn().await?;
-        let msg = self.prepare(job, &conn).await?;
+        let (id, msg) = self.prepare(job, &conn).await?;
         match conn.publisher.publish(&msg).await {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(id),
             Err(PublishError::Broker(e)) => {
                 // The channel died before the confirm: the broker may or may
                 // not have the message. Publish again on a new connection;
                 // the job id is the same.
-                tracing::warn!(error = %e, job_id = %job.env.job_id, "publish failed; retrying once on a new connection");
+                tracing::warn!(error = %e, job_id = %id, "publish failed; retrying once on a new connection");
                 let conn = self.conn().await?;
                 conn.publisher.publish(&msg).await?;
-                Ok(())
+                Ok(id)
             }
             Err(e) => Err(e.into()),
         }
@@ -316,20 +319,12 @@ impl Client {
             // One producer span per job, covering its publish (the confirms
             // are pipelined, so the span does not wait for its own).
             let span = Self::span(&mut job);
-            let msg = if job.delay.is_zero() {
-                // The common case without a copy of the payload.
-                self.check(&job).map_err(|e| fail(index, confirmed, e))?;
-                ids.push(job.env.job_id.clone());
-                Outgoing::job_owned(job.env)
-            } else {
-                let msg = self
-                    .prepare(&job, &conn)
-                    .instrument(span.clone())
-                    .await
-                    .map_err(|e| fail(index, confirmed, e))?;
-                ids.push(job.env.job_id);
-                msg
-            };
+            let (id, msg) = self
+                .prepare(job, &conn)
+                .instrument(span.clone())
+                .await
+                .map_err(|e| fail(index, confirmed, e))?;
+            ids.push(id);
             if pending.len() == PIPELINE_WINDOW {
                 let p: taskmill_broker::PendingConfirm =
                     pending.pop_front().expect("window is full");
