@@ -37,7 +37,7 @@ use tokio::io::AsyncReadExt;
 
 use super::harness::{Bench, deadline_for, per_second};
 use super::report::{Row, ScenarioReport};
-use super::rss::http_get;
+use super::rss::{free_local_addr, http_get, samples};
 
 /// Tasks by default.
 pub(crate) const DEFAULT_TASKS: u64 = 20_000;
@@ -311,15 +311,8 @@ async fn wait_counted(
 
 /// `taskmill_jobs_total` of `queue`: (outcome `ok`, any other outcome).
 fn jobs_total(metrics: &str, queue: &str) -> (u64, u64) {
-    let label = format!("queue=\"{queue}\"");
     let (mut ok, mut other) = (0, 0);
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("taskmill_jobs_total{") && l.contains(&label))
-    {
-        let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
-            continue;
-        };
+    for (line, v) in samples(metrics, "taskmill_jobs_total", queue) {
         if line.contains("outcome=\"ok\"") {
             ok += v as u64;
         } else {
@@ -389,10 +382,7 @@ fn spawn_taskmill(
     dir: &Path,
     log: &Path,
 ) -> anyhow::Result<(Group, std::net::SocketAddr)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = free_local_addr()?;
     let exe = std::env::current_exe().context("locating the taskmill binary")?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.args(["worker", "--celery-queue", queue]);

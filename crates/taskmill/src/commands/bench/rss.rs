@@ -40,10 +40,7 @@ pub(crate) struct WorkerMemory {
 /// run, then kills the worker (the jobs go back to the queue, which is deleted).
 pub(crate) async fn probe(b: &Bench, in_flight: u16) -> anyhow::Result<WorkerMemory> {
     let queue = b.queue("io-rss", "jobs");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = free_local_addr()?;
     let exe = std::env::current_exe().context("locating the taskmill binary")?;
     let mut child = tokio::process::Command::new(exe)
         .args(["worker", "--queue", &queue])
@@ -117,6 +114,12 @@ pub(crate) async fn probe(b: &Bench, in_flight: u16) -> anyhow::Result<WorkerMem
     result
 }
 
+/// A loopback address with a port free right now, for a child worker's HTTP
+/// server.
+pub(crate) fn free_local_addr() -> std::io::Result<std::net::SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
 /// The child processes of `pid` (from every thread's `children` list).
 fn children_of(pid: u32) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -136,14 +139,25 @@ fn children_of(pid: u32) -> Vec<u32> {
     pids
 }
 
-/// The value of `taskmill_jobs_in_flight{...queue="<queue>"...}`.
-fn in_flight_gauge(metrics: &str, queue: &str) -> Option<u64> {
+/// The samples of metric `name` with label `queue="<queue>"` in a
+/// Prometheus text exposition: each sample's line and value.
+pub(crate) fn samples<'a>(
+    metrics: &'a str,
+    name: &str,
+    queue: &str,
+) -> impl Iterator<Item = (&'a str, f64)> {
+    let prefix = format!("{name}{{");
     let label = format!("queue=\"{queue}\"");
     metrics
         .lines()
-        .filter(|l| l.starts_with("taskmill_jobs_in_flight{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
+        .filter(move |l| l.starts_with(&prefix) && l.contains(&label))
+        .filter_map(|l| Some((l, l.rsplit(' ').next()?.parse::<f64>().ok()?)))
+}
+
+/// The value of `taskmill_jobs_in_flight{...queue="<queue>"...}`.
+fn in_flight_gauge(metrics: &str, queue: &str) -> Option<u64> {
+    samples(metrics, "taskmill_jobs_in_flight", queue)
+        .map(|(_, v)| v as u64)
         .reduce(|a, b| a + b)
 }
 
