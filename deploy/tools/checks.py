@@ -30,6 +30,8 @@ TASKMILL_COUNTERS_GAUGES = {
     "taskmill_dead_letters_total",
     "taskmill_build_info",
     "taskmill_ack_failures_total",  # in crates/taskmill-telemetry/src/metrics.rs
+    "taskmill_store_errors_total",
+    "taskmill_leases_lost_total",
 }
 TASKMILL_HISTOGRAMS = {
     "taskmill_job_run_seconds",

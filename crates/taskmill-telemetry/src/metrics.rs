@@ -37,7 +37,17 @@ pub struct Metrics {
     /// `taskmill_ack_failures_total`: acks that could not be sent (channel
     /// gone); the broker redelivers those messages.
     pub ack_failures_total: IntCounter,
+    /// `taskmill_store_errors_total{operation}`: store calls that failed
+    /// (claim, complete, release, fail, heartbeat); each is handled (deferred,
+    /// retried or left to the lease), never ignored.
+    pub store_errors_total: IntCounterVec,
+    /// `taskmill_leases_lost_total`: running jobs whose idempotency lease
+    /// another worker took over (their completion is not recorded by this one).
+    pub leases_lost_total: IntCounter,
 }
+
+/// The `operation` label values of `taskmill_store_errors_total`.
+pub const STORE_OPERATIONS: &[&str] = &["claim", "complete", "release", "fail", "heartbeat"];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -114,6 +124,22 @@ impl Metrics {
             "Acks that could not be sent because the channel was gone; the broker redelivers those messages.",
         )
         .expect("valid metric");
+        let store_errors_total = IntCounterVec::new(
+            Opts::new(
+                "taskmill_store_errors_total",
+                "Idempotency store calls that failed, by operation.",
+            ),
+            &["operation"],
+        )
+        .expect("valid metric");
+        for op in STORE_OPERATIONS {
+            store_errors_total.with_label_values(&[op]);
+        }
+        let leases_lost_total = IntCounter::new(
+            "taskmill_leases_lost_total",
+            "Running jobs whose idempotency lease was taken over by another worker.",
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "taskmill_build_info",
@@ -132,6 +158,8 @@ impl Metrics {
             Box::new(publish_confirm_seconds.clone()),
             Box::new(broker_reconnects_total.clone()),
             Box::new(ack_failures_total.clone()),
+            Box::new(store_errors_total.clone()),
+            Box::new(leases_lost_total.clone()),
             Box::new(build_info),
             Box::new(crate::traces::spans_dropped_total().clone()),
         ] {
@@ -147,6 +175,8 @@ impl Metrics {
             publish_confirm_seconds,
             broker_reconnects_total,
             ack_failures_total,
+            store_errors_total,
+            leases_lost_total,
         }
     }
 

@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use taskmill_core::JobError;
 use taskmill_core::config::Config;
-use taskmill_core::{JobError, Outcome};
 use taskmill_telemetry::http::HttpServer;
 use taskmill_telemetry::{Metrics, Readiness};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::{Handler, JobContext, erase, erase_tx};
-use crate::runtime;
+use crate::{runtime, shared};
 use taskmill_cpu::{CpuPool, CpuRegistry, HandlerError, JobInput, PoolConfig, RestartCause};
 use taskmill_store::CompletionTx;
 use taskmill_telemetry::traces::spans;
@@ -41,27 +41,7 @@ pub enum WorkerError {
     CpuPool(#[from] taskmill_cpu::PoolError),
 }
 
-/// What happened to one job, for in-process observers (the demo, tests).
-#[derive(Debug, Clone)]
-pub struct JobReport {
-    /// Queue.
-    pub queue: String,
-    /// Kind (as sent, even when not registered).
-    pub kind: String,
-    /// Job id, when the message had one.
-    pub job_id: Option<String>,
-    /// Outcome.
-    pub outcome: Outcome,
-    /// Enqueue to start, when the enqueue time is known.
-    pub queue_wait: Option<Duration>,
-    /// Time the handler ran.
-    pub run_time: Duration,
-    /// The error, for failed jobs.
-    pub error: Option<String>,
-}
-
-/// A callback run for every finished job, after its message was acked.
-pub type JobObserver = Arc<dyn Fn(&JobReport) + Send + Sync>;
+pub use crate::shared::{JobObserver, JobReport};
 
 /// Builds a [`Worker`]: register handlers by kind, then [`WorkerBuilder::build`].
 pub struct WorkerBuilder {
@@ -228,7 +208,7 @@ impl WorkerBuilder {
         // declaration look the protocol up with `Config::is_celery_queue`.
         config.queues.extend(config.celery_queues.iter().cloned());
         Ok(Worker {
-            shared: Arc::new(runtime::Shared {
+            shared: Arc::new(shared::Shared {
                 metrics: self
                     .metrics
                     .unwrap_or_else(|| Metrics::new(env!("CARGO_PKG_VERSION"))),
@@ -248,7 +228,7 @@ impl WorkerBuilder {
 
 /// A configured worker, ready to start.
 pub struct Worker {
-    shared: Arc<runtime::Shared>,
+    shared: Arc<shared::Shared>,
     cpu_program: Option<std::path::PathBuf>,
     has_cpu: bool,
 }

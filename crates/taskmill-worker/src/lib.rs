@@ -36,13 +36,15 @@
 pub mod builder;
 mod cpu_metrics;
 pub mod handler;
-pub mod job;
-pub mod runtime;
+mod job;
+mod runtime;
+mod shared;
 pub mod signal;
 mod watchdog;
 
-pub use builder::{JobReport, Worker, WorkerBuilder, WorkerError, WorkerHandle};
+pub use builder::{Worker, WorkerBuilder, WorkerError, WorkerHandle};
 pub use handler::JobContext;
+pub use shared::{JobObserver, JobReport};
 pub use taskmill_core::JobError;
 pub use taskmill_cpu::{HandlerError as CpuHandlerError, JobInput as CpuJobInput};
 pub use taskmill_store::CompletionTx;

@@ -8,68 +8,19 @@
 //! jobs get the grace period, and closing the channels returns every
 //! unacknowledged delivery to its queue.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use taskmill_broker::{Broker, BrokerError, Consumer, Publisher, QueueSpec};
-use taskmill_core::config::{Config, QueueSettings};
-use taskmill_telemetry::{Metrics, Readiness};
+use taskmill_broker::{Broker, BrokerError, Consumer, QueueSpec};
+use taskmill_core::config::QueueSettings;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::builder::JobObserver;
-use crate::handler::Handler;
 use crate::job;
-use taskmill_cpu::CpuPool;
+use crate::shared::{Session, Shared};
 use taskmill_store::{IdempotencyStore, Store};
-
-/// State shared by every task of a worker.
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) handlers: HashMap<String, Handler>,
-    /// The idempotency store, connected before the first session.
-    pub(crate) store: tokio::sync::OnceCell<Store>,
-    /// The CPU worker-process pool, when CPU kinds are registered.
-    pub(crate) cpu: std::sync::OnceLock<CpuPool>,
-    pub(crate) metrics: Metrics,
-    pub(crate) readiness: Readiness,
-    pub(crate) observer: Option<JobObserver>,
-    pub(crate) worker_id: String,
-}
-
-/// What the tasks of one session share.
-pub(crate) struct Session {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) publisher: Publisher,
-    /// Cancelled to end the session (shutdown, or a fault below).
-    stop: CancellationToken,
-    /// Why a job task ended the session (the publisher failed), if it did.
-    fault: std::sync::Mutex<Option<String>>,
-}
-
-impl Session {
-    /// Ends the session because something the jobs depend on broke (the
-    /// publisher channel): deliveries not acked return to the queue when the
-    /// channels close, and the supervisor reconnects and redeclares.
-    pub(crate) fn fail(&self, why: String) {
-        let mut f = self.fault.lock().unwrap_or_else(|e| e.into_inner());
-        if f.is_none() {
-            tracing::error!(reason = %why, "ending the broker session");
-            *f = Some(why);
-        }
-        self.stop.cancel();
-    }
-
-    pub(crate) fn store(&self) -> &Store {
-        self.shared
-            .store
-            .get()
-            .expect("the store is connected before any session starts")
-    }
-}
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -283,12 +234,7 @@ async fn run_session(
         }
     }
     tracker.close();
-    let fault = session
-        .fault
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    if let Some(why) = fault {
+    if let Some(why) = session.take_fault() {
         failure.get_or_insert(BrokerError::Closed(why));
     }
     if let Some(e) = failure.filter(|_| !shutdown.is_cancelled()) {
