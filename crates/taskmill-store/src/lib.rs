@@ -19,11 +19,19 @@
 //! | module | what |
 //! | --- | --- |
 //! | this file | public types ([`Claim`], [`ClaimToken`], [`Record`]), the [`IdempotencyStore`] trait, the [`Store`] enum and [`Store::connect`] |
-//! | `sqlite` | [`SqliteStore`]: embedded default, one WAL-mode file shared by tasks and processes |
-//! | `postgres` | [`PgStore`]: PostgreSQL for several worker hosts |
+//! | `sql_store` | [`SqlStore`]: the one implementation of the trait, for either backend |
+//! | `body` | the logic written once: claim decision, fenced writes, heartbeat, rows; checks of text arguments |
+//! | `dialect` | what differs per backend: SQL text, binding and decoding (`Dialect`) |
+//! | `sqlite` | SQLite's SQL and opening the file ([`SqliteStore`] = `SqlStore<Sqlite>`) |
+//! | `postgres` | PostgreSQL's SQL and connecting ([`PgStore`] = `SqlStore<Postgres>`) |
+//! | `group_commit` | SQLite's writer task: claims, completions and heartbeats committed in groups, one savepoint each |
+//! | `registry` | [`Heartbeat`], [`WorkerInfo`], [`HeartbeatReply`], [`WorkerRecord`] |
 //! | `tx` | [`CompletionTx`]: the transactional completion |
 //! | `migrate` | the SQL files of `migrations/sqlite` and `migrations/postgres`, embedded |
-//! | `error` | [`StoreError`] and [`redact_url`] |
+//! | `error` | [`StoreError`]; URLs are redacted by [`redact_url`] (from `taskmill_core::redact`) |
+//!
+//! Imports only go down this list's dependency order: `sql_store` -> `group_commit` ->
+//! `body` -> `dialect`; the backend files only add their SQL and connection setup.
 //!
 //! The schema is in `migrations/<backend>/NNNN_*.sql` at the workspace root and is applied by
 //! [`Store::connect`]; several processes connecting at once to a fresh database is safe
@@ -35,8 +43,11 @@
 //!                  claim: no row
 //!   (no row) ───────────────────────────► CLAIMED (owner, epoch = 1, lease)
 //!      ▲                                   │  ⟲ extend_lease: lease = now + d
+//!      │                                   │  ⟲ heartbeat: every lease of a worker at once
 //!      │                                   │  ⟲ claim after the lease expired (or after
-//!      │                                   │    release): new owner, epoch + 1; writes
+//!      │                                   │    release, or when the owner is known dead:
+//!      │                                   │    deregistered or silent past its dead_after):
+//!      │                                   │    new owner, epoch + 1; writes
 //!      │                                   │    made with the old epoch: LeaseLost
 //!      │                                   │
 //!      │            complete / CompletionTx::commit        fail
