@@ -1,4 +1,4 @@
-//! Error type of the store and the URL redaction used by every message that mentions a URL.
+//! Error type of the store. URLs in its messages are redacted by `taskmill_core::redact`.
 
 /// Everything that can go wrong in the store.
 ///
@@ -49,6 +49,16 @@ pub enum StoreError {
         source: serde_json::Error,
     },
 
+    /// An argument the database cannot store (a NUL character in a key, owner or job id).
+    /// Permanent: the same input can never succeed, so do not retry it.
+    #[error("invalid {what} for the store: {reason}")]
+    InvalidInput {
+        /// Which argument (`"idempotency key"`, `"owner"`, `"job id"`, ...).
+        what: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+
     /// A row holds a value the store never writes (unknown state, negative attempts...).
     #[error("store row for idempotency key {key:?} is inconsistent: {detail}")]
     Corrupt {
@@ -61,7 +71,7 @@ pub enum StoreError {
 
 impl StoreError {
     /// Wraps a driver error with the name of the operation that failed.
-    pub(crate) fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    pub(crate) fn db(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
         move |source| StoreError::Database { op, source }
     }
 
@@ -107,131 +117,11 @@ pub(crate) fn bad_url(redacted_url: &str, why: &str) -> StoreError {
     ))
 }
 
-/// Returns `url` with any password removed, so it can be logged or put in an error.
-///
-/// `scheme://user:secret@host/db` becomes `scheme://user:***@host/db`, and the value of a
-/// `password=` query parameter becomes `***`. Text that does not look like a URL is returned
-/// unchanged apart from the same query-parameter rule.
-pub fn redact_url(url: &str) -> String {
-    let mut out = String::with_capacity(url.len());
-    let (before_query, query) = match url.find('?') {
-        Some(i) => (&url[..i], Some(&url[i + 1..])),
-        None => (url, None),
-    };
-    match before_query.find("://") {
-        Some(i) => {
-            let (scheme, rest) = (&before_query[..i + 3], &before_query[i + 3..]);
-            out.push_str(scheme);
-            // The authority ends at the first '/'; the user info ends at the last '@' in it
-            // (a password may itself contain an unescaped '@').
-            let auth_end = rest.find('/').unwrap_or(rest.len());
-            let (authority, path) = rest.split_at(auth_end);
-            match authority.rfind('@') {
-                Some(at) => {
-                    let userinfo = &authority[..at];
-                    match userinfo.find(':') {
-                        Some(colon) => {
-                            out.push_str(&userinfo[..colon]);
-                            out.push_str(":***");
-                        }
-                        None => out.push_str(userinfo),
-                    }
-                    out.push_str(&authority[at..]);
-                }
-                None => out.push_str(authority),
-            }
-            out.push_str(path);
-        }
-        None => out.push_str(before_query),
-    }
-    if let Some(query) = query {
-        out.push('?');
-        let params: Vec<String> = query
-            .split('&')
-            .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                _ => kv.to_owned(),
-            })
-            .collect();
-        out.push_str(&params.join("&"));
-    }
-    out
-}
-
-/// Removes every occurrence of the secrets found in `url` from `message`.
-///
-/// Driver errors are not ours; this is the belt to [`redact_url`]'s braces for any message
-/// produced while connecting with a URL that holds a password.
-pub(crate) fn scrub(message: &str, url: &str) -> String {
-    let mut out = message.to_owned();
-    for secret in secrets_in(url) {
-        if !secret.is_empty() {
-            out = out.replace(&secret, "***");
-        }
-    }
-    out
-}
-
-fn secrets_in(url: &str) -> Vec<String> {
-    let mut secrets = Vec::new();
-    let before_query = url.split('?').next().unwrap_or(url);
-    if let Some(i) = before_query.find("://") {
-        let rest = &before_query[i + 3..];
-        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-        if let Some(at) = authority.rfind('@')
-            && let Some((_, pass)) = authority[..at].split_once(':')
-        {
-            secrets.push(pass.to_owned());
-            secrets.push(percent_decode(pass));
-        }
-    }
-    if let Some((_, query)) = url.split_once('?') {
-        for kv in query.split('&') {
-            if let Some((k, v)) = kv.split_once('=')
-                && k.eq_ignore_ascii_case("password")
-            {
-                secrets.push(v.to_owned());
-                secrets.push(percent_decode(v));
-            }
-        }
-    }
-    // Longest first, so a secret that contains another is replaced whole.
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    secrets
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(h * 16 + l);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    // The redaction lives in taskmill-core; these keep the store's own expectations of it.
     use proptest::prelude::*;
+    use taskmill_core::redact::{redact_url, scrub};
 
     #[test]
     fn redacts_password_keeps_user_host_db() {

@@ -1,26 +1,31 @@
-//! Group commit for the SQLite backend's two hot writes: claims and completions.
+//! Group commit for the SQLite backend's hot writes: claims, completions and heartbeats.
 //!
 //! With `synchronous = FULL` every SQLite commit waits for an fsync of the WAL, and
 //! SQLite has one writer at a time, so a worker running a hundred keyed jobs at once
 //! would pay two fsyncs per job, one after the other. Instead, those writes go to one
 //! writer task: it takes every request waiting at that moment (up to [`MAX_BATCH`]),
-//! runs them in order inside one `BEGIN IMMEDIATE` transaction, commits once, and only
-//! then answers each caller. Durability is unchanged: no caller hears "claimed" or
-//! "completed" before the fsync that makes it so. Under load one fsync serves many jobs;
-//! with a single job in flight the batch is that job alone, and nothing waits for a
-//! timer.
+//! runs them in order inside one write transaction, commits once, and only then answers
+//! each caller. Durability is unchanged: no caller hears "claimed" or "completed" before
+//! the fsync that makes it so. Under load one fsync serves many jobs; with a single job
+//! in flight the batch is that job alone, and nothing waits for a timer.
 //!
-//! A database error inside the batch (the connection or the transaction failed) rolls
-//! the whole batch back: the caller whose statement failed gets that statement's own
-//! error, every other caller a transient "group commit failed" error; an answer about
-//! one key's row (a lost lease, a row that cannot be read) goes to that caller alone
-//! and the batch goes on.
+//! Each request runs inside its own savepoint. A request whose statement fails is rolled
+//! back to its savepoint and gets that statement's own error; the rest of the batch goes
+//! on and commits. Only when the transaction itself is lost (the savepoint cannot be
+//! rolled back, or the commit fails) does every caller of the batch get an error, the
+//! failing one its own and the others a transient "group commit failed" one (the same
+//! request in another batch can succeed).
+//!
+//! The statements themselves are [`crate::body`]'s, the same as on PostgreSQL; this module
+//! only decides when they commit.
 
-use sqlx::{Connection, SqliteConnection, SqlitePool};
+use sqlx::{Connection, Pool};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::sqlite::{claim_on, mark_completed};
-use crate::{Claim, ClaimToken, StoreError, lease_lost};
+use crate::body::{ClaimRequest, claim_on, complete_on, heartbeat_on};
+use crate::dialect::{Dialect, sql};
+use crate::registry::{Heartbeat, HeartbeatReply};
+use crate::{Claim, ClaimToken, StoreError};
 
 /// Most requests committed by one transaction.
 const MAX_BATCH: usize = 256;
@@ -29,33 +34,27 @@ const QUEUE: usize = 4096;
 
 /// What one caller asks the writer to do.
 enum Work {
-    Claim {
-        key: String,
-        job_id: String,
-        kind: String,
-        owner: String,
-        lease_ms: i64,
-    },
-    Complete {
-        token: ClaimToken,
-        result: String,
-    },
+    Claim(ClaimRequest),
+    Complete { token: ClaimToken, result: String },
+    Heartbeat(Heartbeat),
 }
 
 impl Work {
     /// The store operation, as [`StoreError::Database`] names it.
     fn name(&self) -> &'static str {
         match self {
-            Work::Claim { .. } => "claim",
+            Work::Claim(_) => "claim",
             Work::Complete { .. } => "complete",
+            Work::Heartbeat(_) => "heartbeat",
         }
     }
 }
 
-/// What the writer answers: the claim, or that the completion is recorded.
+/// What the writer answers, one variant per [`Work`].
 enum Done {
     Claim(Claim),
     Completed,
+    Heartbeat(HeartbeatReply),
 }
 
 type Reply = oneshot::Sender<Result<Done, StoreError>>;
@@ -83,30 +82,16 @@ pub(crate) struct GroupCommit {
 
 impl GroupCommit {
     /// Starts the writer task on the current tokio runtime.
-    pub(crate) fn start(pool: SqlitePool) -> GroupCommit {
+    pub(crate) fn start<D: Dialect>(pool: Pool<D>) -> GroupCommit {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(writer(pool, rx));
         GroupCommit { tx }
     }
 
-    pub(crate) async fn claim(
-        &self,
-        key: &str,
-        job_id: &str,
-        kind: &str,
-        owner: &str,
-        lease_ms: i64,
-    ) -> Result<Claim, StoreError> {
-        let work = Work::Claim {
-            key: key.to_owned(),
-            job_id: job_id.to_owned(),
-            kind: kind.to_owned(),
-            owner: owner.to_owned(),
-            lease_ms,
-        };
-        match self.call(work).await? {
+    pub(crate) async fn claim(&self, req: ClaimRequest) -> Result<Claim, StoreError> {
+        match self.call(Work::Claim(req)).await? {
             Done::Claim(claim) => Ok(claim),
-            Done::Completed => unreachable!("a claim is answered with a claim"),
+            _ => unreachable!("a claim is answered with a claim"),
         }
     }
 
@@ -120,6 +105,13 @@ impl GroupCommit {
             result,
         };
         self.call(work).await.map(|_| ())
+    }
+
+    pub(crate) async fn heartbeat(&self, beat: Heartbeat) -> Result<HeartbeatReply, StoreError> {
+        match self.call(Work::Heartbeat(beat)).await? {
+            Done::Heartbeat(reply) => Ok(reply),
+            _ => unreachable!("a heartbeat is answered with a heartbeat reply"),
+        }
     }
 
     /// Queues `work` for the writer and waits for its answer, given after the
@@ -138,7 +130,7 @@ impl GroupCommit {
     }
 }
 
-async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<Op>) {
+async fn writer<D: Dialect>(pool: Pool<D>, mut rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         run_batch(&pool, &mut batch).await;
@@ -152,48 +144,73 @@ fn fail_all(batch: &mut Vec<Op>, why: &str) {
     }
 }
 
-/// Runs `work` inside the batch's transaction. `Err` is a database error: the
-/// transaction can no longer be trusted. `Ok` holds this request's own answer
-/// (which may be an error about its key alone, such as a lost lease).
-async fn run_one(
-    tx: &mut SqliteConnection,
+/// Runs `work` on the batch's transaction. `Err` is a database error (the statement or
+/// the connection failed); `Ok` holds this request's own answer, which may be an error
+/// about its key alone (a lost lease, a row that cannot be read).
+async fn run_one<D: Dialect>(
+    conn: &mut D::Connection,
     work: &Work,
 ) -> Result<Result<Done, StoreError>, StoreError> {
-    match work {
-        Work::Claim {
-            key,
-            job_id,
-            kind,
-            owner,
-            lease_ms,
-        } => match claim_on(tx, key, job_id, kind, owner, *lease_ms).await {
-            Err(e @ StoreError::Database { .. }) => Err(e),
-            r => Ok(r.map(Done::Claim)),
-        },
-        Work::Complete { token, result } => match mark_completed(tx, token, result).await {
-            Ok(1) => Ok(Ok(Done::Completed)),
-            Ok(_) => Ok(Err(lease_lost(token))),
-            Err(e) => Err(StoreError::db("complete")(e)),
-        },
+    let answer = match work {
+        Work::Claim(req) => claim_on::<D>(conn, req).await.map(Done::Claim),
+        Work::Complete { token, result } => complete_on::<D>(conn, token, result)
+            .await
+            .map(|()| Done::Completed),
+        Work::Heartbeat(beat) => heartbeat_on::<D>(conn, beat).await.map(Done::Heartbeat),
+    };
+    match answer {
+        Err(e @ StoreError::Database { .. }) => Err(e),
+        other => Ok(other),
     }
 }
 
-/// Runs and commits `batch` (emptied), then answers every caller in it. When a
-/// statement fails, its caller gets that statement's own error; the others in
-/// the batch, rolled back with it, get a transient batch error.
-async fn run_batch(pool: &SqlitePool, batch: &mut Vec<Op>) {
+/// Runs `work` inside a savepoint. `Err` means the transaction cannot be trusted any
+/// more; `Ok` is the caller's answer (its own statement's error included, rolled back).
+async fn run_isolated<D: Dialect>(
+    conn: &mut D::Connection,
+    work: &Work,
+) -> Result<Result<Done, StoreError>, StoreError> {
+    let db = StoreError::db(work.name());
+    D::execute(conn, sql("SAVEPOINT taskmill_op"), Vec::new())
+        .await
+        .map_err(db)?;
+    match run_one::<D>(conn, work).await {
+        Ok(answer) => {
+            D::execute(conn, sql("RELEASE taskmill_op"), Vec::new())
+                .await
+                .map_err(db)?;
+            Ok(answer)
+        }
+        Err(own) => {
+            // Undo only this request; if even that fails, the whole batch is lost and
+            // the failing request's own error is reported with it.
+            if let Err(e) = D::execute(conn, sql("ROLLBACK TO taskmill_op"), Vec::new()).await {
+                tracing::debug!(error = %e, "savepoint rollback failed");
+                return Err(own);
+            }
+            D::execute(conn, sql("RELEASE taskmill_op"), Vec::new())
+                .await
+                .map_err(|_| batch_error(work.name(), "savepoint release"))?;
+            tracing::warn!(error = %own, op = work.name(), "store request failed; rolled back alone");
+            Ok(Err(own))
+        }
+    }
+}
+
+/// Runs and commits `batch` (emptied), then answers every caller in it.
+async fn run_batch<D: Dialect>(pool: &Pool<D>, batch: &mut Vec<Op>) {
     let mut conn = match pool.acquire().await {
         Ok(c) => c,
         Err(e) => return fail_all(batch, &e.to_string()),
     };
-    let mut tx = match conn.begin_with("BEGIN IMMEDIATE").await {
+    let mut tx = match conn.begin_with(D::BEGIN_WRITE).await {
         Ok(tx) => tx,
         Err(e) => return fail_all(batch, &e.to_string()),
     };
     let mut answers = Vec::with_capacity(batch.len());
     let mut failure = None;
     for op in batch.iter() {
-        match run_one(&mut tx, &op.work).await {
+        match run_isolated::<D>(&mut tx, &op.work).await {
             Ok(answer) => answers.push(answer),
             Err(e) => {
                 failure = Some(e);

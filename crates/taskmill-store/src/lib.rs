@@ -19,11 +19,19 @@
 //! | module | what |
 //! | --- | --- |
 //! | this file | public types ([`Claim`], [`ClaimToken`], [`Record`]), the [`IdempotencyStore`] trait, the [`Store`] enum and [`Store::connect`] |
-//! | `sqlite` | [`SqliteStore`]: embedded default, one WAL-mode file shared by tasks and processes |
-//! | `postgres` | [`PgStore`]: PostgreSQL for several worker hosts |
+//! | `sql_store` | [`SqlStore`]: the one implementation of the trait, for either backend |
+//! | `body` | the logic written once: claim decision, fenced writes, heartbeat, rows; checks of text arguments |
+//! | `dialect` | what differs per backend: SQL text, binding and decoding (`Dialect`) |
+//! | `sqlite` | SQLite's SQL and opening the file ([`SqliteStore`] = `SqlStore<Sqlite>`) |
+//! | `postgres` | PostgreSQL's SQL and connecting ([`PgStore`] = `SqlStore<Postgres>`) |
+//! | `group_commit` | SQLite's writer task: claims, completions and heartbeats committed in groups, one savepoint each |
+//! | `registry` | [`Heartbeat`], [`WorkerInfo`], [`HeartbeatReply`], [`WorkerRecord`] |
 //! | `tx` | [`CompletionTx`]: the transactional completion |
 //! | `migrate` | the SQL files of `migrations/sqlite` and `migrations/postgres`, embedded |
-//! | `error` | [`StoreError`] and [`redact_url`] |
+//! | `error` | [`StoreError`]; URLs are redacted by [`redact_url`] (from `taskmill_core::redact`) |
+//!
+//! Imports only go down this list's dependency order: `sql_store` -> `group_commit` ->
+//! `body` -> `dialect`; the backend files only add their SQL and connection setup.
 //!
 //! The schema is in `migrations/<backend>/NNNN_*.sql` at the workspace root and is applied by
 //! [`Store::connect`]; several processes connecting at once to a fresh database is safe
@@ -35,8 +43,11 @@
 //!                  claim: no row
 //!   (no row) ───────────────────────────► CLAIMED (owner, epoch = 1, lease)
 //!      ▲                                   │  ⟲ extend_lease: lease = now + d
+//!      │                                   │  ⟲ heartbeat: every lease of a worker at once
 //!      │                                   │  ⟲ claim after the lease expired (or after
-//!      │                                   │    release): new owner, epoch + 1; writes
+//!      │                                   │    release, or when the owner is known dead:
+//!      │                                   │    deregistered or silent past its dead_after):
+//!      │                                   │    new owner, epoch + 1; writes
 //!      │                                   │    made with the old epoch: LeaseLost
 //!      │                                   │
 //!      │            complete / CompletionTx::commit        fail
@@ -85,21 +96,39 @@
 //! [`claim`]: IdempotencyStore::claim
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+mod body;
+mod dialect;
 mod error;
 mod group_commit;
 mod migrate;
 mod postgres;
+mod registry;
+mod sql_store;
 mod sqlite;
 mod tx;
 
-pub use error::{StoreError, redact_url};
+pub use error::StoreError;
 pub use postgres::PgStore;
+pub use registry::{Heartbeat, HeartbeatReply, WorkerInfo, WorkerRecord};
+pub use sql_store::SqlStore;
 pub use sqlite::SqliteStore;
+/// The one URL redaction of taskmill, re-exported for callers of the store.
+pub use taskmill_core::redact::redact_url;
 pub use tx::CompletionTx;
+
+/// Runs `$call` on whichever backend store `$store` holds, bound to `$s`.
+macro_rules! on_backend {
+    ($store:expr, $s:ident => $call:expr) => {
+        match $store {
+            Store::Sqlite($s) => $call,
+            Store::Postgres($s) => $call,
+        }
+    };
+}
 
 /// Outcome of [`IdempotencyStore::claim`].
 #[derive(Debug, Clone, PartialEq)]
@@ -288,8 +317,12 @@ pub trait IdempotencyStore: Send + Sync {
     /// Tries to acquire `key` for `owner` for `lease`.
     ///
     /// Acquires when the key has no row, or when its row is `claimed` under an expired lease
-    /// (the previous holder is presumed dead): the takeover happens in one statement and
-    /// increments the epoch, which fences the previous holder out.
+    /// (the previous holder is presumed dead), or by an owner the registry knows is dead
+    /// (deregistered, or no heartbeat within the `dead_after` it announced) whatever its
+    /// lease: the takeover happens in one statement and increments the epoch, which fences
+    /// the previous holder out. Owners without a registry row keep the lease rule alone.
+    ///
+    /// Text containing NUL is refused with the permanent [`StoreError::InvalidInput`].
     fn claim(
         &self,
         key: &str,
@@ -335,6 +368,24 @@ pub trait IdempotencyStore: Send + Sync {
         token: &ClaimToken,
         lease: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// One round trip: extends every token's lease to now + lease (fenced by owner+epoch),
+    /// and upserts the worker's registry row. Returns the keys whose lease was lost
+    /// (taken over or completed elsewhere) so the worker can stop trusting them.
+    fn heartbeat(
+        &self,
+        beat: &Heartbeat,
+    ) -> impl Future<Output = Result<HeartbeatReply, StoreError>> + Send;
+
+    /// Marks the worker gone (clean shutdown) so its remaining claims can be taken over at
+    /// once. Its next heartbeat, if any, registers it again.
+    fn deregister_worker(
+        &self,
+        worker_id: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The registry (for `taskmill status` later): every row, newest heartbeat first.
+    fn workers(&self) -> impl Future<Output = Result<Vec<WorkerRecord>, StoreError>> + Send;
 
     /// Reads the row of `key`.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
@@ -426,10 +477,7 @@ impl Store {
 
     /// Closes the pool: waits for checked-out connections to come back, then closes them all.
     pub async fn close(&self) {
-        match self {
-            Store::Sqlite(s) => s.pool().close().await,
-            Store::Postgres(s) => s.pool().close().await,
-        }
+        on_backend!(self, s => s.pool().close().await)
     }
 }
 
@@ -442,219 +490,55 @@ impl IdempotencyStore for Store {
         owner: &str,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.claim(key, job_id, kind, owner, lease).await,
-            Store::Postgres(s) => s.claim(key, job_id, kind, owner, lease).await,
-        }
+        on_backend!(self, s => s.claim(key, job_id, kind, owner, lease).await)
     }
 
-    async fn complete(
-        &self,
-        token: &ClaimToken,
-        result: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.complete(token, result).await,
-            Store::Postgres(s) => s.complete(token, result).await,
-        }
+    async fn complete(&self, t: &ClaimToken, result: &serde_json::Value) -> Result<(), StoreError> {
+        on_backend!(self, s => s.complete(t, result).await)
     }
 
-    async fn begin_completion(&self, token: &ClaimToken) -> Result<CompletionTx, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.begin_completion(token).await,
-            Store::Postgres(s) => s.begin_completion(token).await,
-        }
+    async fn begin_completion(&self, t: &ClaimToken) -> Result<CompletionTx, StoreError> {
+        on_backend!(self, s => s.begin_completion(t).await)
     }
 
-    async fn fail(&self, token: &ClaimToken, error: &serde_json::Value) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.fail(token, error).await,
-            Store::Postgres(s) => s.fail(token, error).await,
-        }
+    async fn fail(&self, t: &ClaimToken, error: &serde_json::Value) -> Result<(), StoreError> {
+        on_backend!(self, s => s.fail(t, error).await)
     }
 
-    async fn release(&self, token: &ClaimToken) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.release(token).await,
-            Store::Postgres(s) => s.release(token).await,
-        }
+    async fn release(&self, t: &ClaimToken) -> Result<(), StoreError> {
+        on_backend!(self, s => s.release(t).await)
     }
 
-    async fn extend_lease(&self, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.extend_lease(token, lease).await,
-            Store::Postgres(s) => s.extend_lease(token, lease).await,
-        }
+    async fn extend_lease(&self, t: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
+        on_backend!(self, s => s.extend_lease(t, lease).await)
+    }
+
+    async fn heartbeat(&self, beat: &Heartbeat) -> Result<HeartbeatReply, StoreError> {
+        on_backend!(self, s => s.heartbeat(beat).await)
+    }
+
+    async fn deregister_worker(&self, worker_id: &str) -> Result<(), StoreError> {
+        on_backend!(self, s => s.deregister_worker(worker_id).await)
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerRecord>, StoreError> {
+        on_backend!(self, s => s.workers().await)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.get(key).await,
-            Store::Postgres(s) => s.get(key).await,
-        }
+        on_backend!(self, s => s.get(key).await)
     }
 
     async fn forget(&self, key: &str) -> Result<bool, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.forget(key).await,
-            Store::Postgres(s) => s.forget(key).await,
-        }
+        on_backend!(self, s => s.forget(key).await)
     }
 
     async fn purge_older_than(&self, retention: Duration) -> Result<u64, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.purge_older_than(retention).await,
-            Store::Postgres(s) => s.purge_older_than(retention).await,
-        }
+        on_backend!(self, s => s.purge_older_than(retention).await)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.ping().await,
-            Store::Postgres(s) => s.ping().await,
-        }
-    }
-}
-
-// ---- helpers shared by the backends ----
-
-/// Rows deleted per statement by `purge_older_than`, so that a large purge never holds the
-/// SQLite write lock (or PostgreSQL row locks) for long.
-pub(crate) const PURGE_BATCH: i64 = 5_000;
-
-/// How often `claim` re-runs when the row changed between its two statements (deleted, or
-/// its lease expired just then). Each retry is a fresh decision, so a small bound suffices.
-pub(crate) const CLAIM_RETRIES: usize = 5;
-
-/// A duration as whole milliseconds for SQL, rounded up so a tiny lease is never zero, and
-/// saturated far below any overflow of the database's time arithmetic (~100 years).
-pub(crate) fn millis(d: Duration) -> i64 {
-    const MAX: u128 = 100 * 365 * 24 * 3600 * 1000;
-    let ms = d.as_nanos().div_ceil(1_000_000).min(MAX);
-    ms as i64
-}
-
-/// Milliseconds since the Unix epoch (as stored/computed by the database) to `SystemTime`.
-pub(crate) fn time_from_millis(ms: i64) -> SystemTime {
-    if ms >= 0 {
-        UNIX_EPOCH + Duration::from_millis(ms as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
-    }
-}
-
-pub(crate) fn json_text(value: &serde_json::Value) -> String {
-    // Serializing a `Value` cannot fail (its map keys are strings).
-    value.to_string()
-}
-
-pub(crate) fn parse_json(
-    key: &str,
-    column: &'static str,
-    text: Option<String>,
-) -> Result<Option<serde_json::Value>, StoreError> {
-    text.map(|t| {
-        serde_json::from_str(&t).map_err(|source| StoreError::CorruptJson {
-            key: key.to_owned(),
-            column,
-            source,
-        })
-    })
-    .transpose()
-}
-
-/// Columns of a row as read by both backends (times as epoch milliseconds).
-pub(crate) struct RawRecord {
-    pub key: String,
-    pub state: String,
-    pub owner: String,
-    pub attempts: i64,
-    pub lease_expires_at: Option<i64>,
-    pub result: Option<String>,
-    pub error: Option<String>,
-    pub job_id: String,
-    pub kind: String,
-    pub created_at: i64,
-    pub updated_at: i64,
-    pub completed_at: Option<i64>,
-}
-
-impl RawRecord {
-    pub(crate) fn into_record(self) -> Result<Record, StoreError> {
-        let state = JobState::parse(&self.key, &self.state)?;
-        let result = parse_json(&self.key, "result", self.result)?;
-        let error = parse_json(&self.key, "error", self.error)?;
-        Ok(Record {
-            state,
-            owner: self.owner,
-            attempts: self.attempts,
-            lease_expires_at: self.lease_expires_at.map(time_from_millis),
-            result,
-            error,
-            job_id: self.job_id,
-            kind: self.kind,
-            created_at: time_from_millis(self.created_at),
-            updated_at: time_from_millis(self.updated_at),
-            completed_at: self.completed_at.map(time_from_millis),
-            key: self.key,
-        })
-    }
-}
-
-/// What the second statement of `claim` found, shared by both backends.
-pub(crate) struct Existing {
-    pub state: String,
-    pub owner: String,
-    pub result: Option<String>,
-    pub error: Option<String>,
-    /// Remaining lease in ms (0 when expired), rounded up.
-    pub expires_in_ms: i64,
-}
-
-impl Existing {
-    /// Turns the existing row into the answer, or `None` when the claim must be retried
-    /// (the lease expired between the two statements).
-    pub(crate) fn into_claim(self, key: &str) -> Result<Option<Claim>, StoreError> {
-        match JobState::parse(key, &self.state)? {
-            JobState::Completed => Ok(Some(Claim::AlreadyCompleted {
-                result: parse_json(key, "result", self.result)?,
-            })),
-            JobState::Failed => Ok(Some(Claim::AlreadyFailed {
-                error: parse_json(key, "error", self.error)?.unwrap_or(serde_json::Value::Null),
-            })),
-            JobState::Claimed if self.expires_in_ms <= 0 => Ok(None),
-            JobState::Claimed => Ok(Some(Claim::HeldElsewhere {
-                owner: self.owner,
-                expires_in: Duration::from_millis(self.expires_in_ms as u64),
-            })),
-        }
-    }
-}
-
-pub(crate) fn lease_lost(token: &ClaimToken) -> StoreError {
-    StoreError::LeaseLost {
-        key: token.key.clone(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn millis_rounds_up_and_saturates() {
-        assert_eq!(millis(Duration::from_micros(1)), 1);
-        assert_eq!(millis(Duration::from_millis(200)), 200);
-        assert_eq!(millis(Duration::MAX), 100 * 365 * 24 * 3600 * 1000);
-    }
-
-    #[test]
-    fn times_round_trip() {
-        let t = time_from_millis(1_700_000_000_123);
-        assert_eq!(
-            t.duration_since(UNIX_EPOCH).unwrap(),
-            Duration::from_millis(1_700_000_000_123)
-        );
+        on_backend!(self, s => s.ping().await)
     }
 }
 
@@ -667,7 +551,7 @@ mod send_check {
 
     fn is_send<T: Send>(_: T) {}
 
-    fn store_futures_are_send(s: &Store, t: &ClaimToken, v: &serde_json::Value) {
+    fn store_futures_are_send(s: &Store, t: &ClaimToken, v: &serde_json::Value, b: &Heartbeat) {
         is_send(Store::connect("sqlite::memory:"));
         is_send(s.claim("k", "j", "k", "o", Duration::ZERO));
         is_send(s.complete(t, v));
@@ -675,6 +559,9 @@ mod send_check {
         is_send(s.fail(t, v));
         is_send(s.release(t));
         is_send(s.extend_lease(t, Duration::ZERO));
+        is_send(s.heartbeat(b));
+        is_send(s.deregister_worker("w"));
+        is_send(s.workers());
         is_send(s.get("k"));
         is_send(s.forget("k"));
         is_send(s.purge_older_than(Duration::ZERO));
@@ -684,6 +571,10 @@ mod send_check {
 
     fn tx_futures_are_send(tx: &mut CompletionTx) {
         is_send(tx.execute("x", &[]));
+    }
+
+    fn sqlite_tx_futures_are_send(tx: &mut CompletionTx) {
+        is_send(tx.sqlite());
     }
 
     fn spawnable(s: Store) {

@@ -15,18 +15,32 @@ use sqlx::SqlSafeStr;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 
 /// `(version, description, sql)` of each SQLite migration.
-pub(crate) const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../../migrations/sqlite/0001_init.sql"),
-)];
+pub(crate) const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "workers",
+        include_str!("../../../migrations/sqlite/0002_workers.sql"),
+    ),
+];
 
 /// `(version, description, sql)` of each PostgreSQL migration.
-pub(crate) const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../../migrations/postgres/0001_init.sql"),
-)];
+pub(crate) const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "workers",
+        include_str!("../../../migrations/postgres/0002_workers.sql"),
+    ),
+];
 
 fn build(list: &'static [(i64, &'static str, &'static str)]) -> Migrator {
     Migrator::with_migrations(

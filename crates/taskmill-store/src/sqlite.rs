@@ -1,4 +1,4 @@
-//! SQLite backend: the embedded default.
+//! SQLite backend: the embedded default. Its SQL text, and how to open the file.
 //!
 //! One file in WAL mode shared by every task of a process and by several processes. SQLite has
 //! one writer at a time; a writer that finds the file locked waits up to `busy_timeout`
@@ -6,23 +6,22 @@
 //! autocommit statement or a transaction opened with `BEGIN IMMEDIATE`, which takes the write
 //! lock up front: a deferred transaction that reads and then writes can fail with
 //! `SQLITE_BUSY` without waiting (its snapshot went stale), and that is exactly the pattern
-//! to avoid when several processes race.
+//! to avoid when several processes race. Claims, completions and heartbeats go through the
+//! group commit ([`crate::group_commit`]).
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Connection, Executor, Row, Sqlite, SqliteConnection};
+use sqlx::{Connection, Sqlite};
+use taskmill_core::redact::redact_url;
 
-use crate::error::{bad_url, redact_url};
+use crate::dialect::{Dialect, run_and_decode};
+use crate::error::bad_url;
 use crate::group_commit::GroupCommit;
-use crate::{
-    CLAIM_RETRIES, Claim, ClaimToken, CompletionTx, Existing, IdempotencyStore, PURGE_BATCH,
-    RawRecord, Record, StoreError, StoreOptions, json_text, lease_lost, millis,
-};
+use crate::{ClaimToken, CompletionTx, SqlStore, StoreError, StoreOptions};
 
 /// The database clock in epoch milliseconds. SQLite evaluates `'now'` once per statement,
 /// so every use within one statement sees the same instant.
@@ -40,15 +39,23 @@ macro_rules! fenced {
     };
 }
 
-/// [`IdempotencyStore`] on SQLite.
-#[derive(Debug, Clone)]
-pub struct SqliteStore {
-    pool: SqlitePool,
-    /// Claims and completions, committed in groups (see [`crate::group_commit`]).
-    batch: GroupCommit,
+/// The fencing condition of the owner of `taskmill_jobs` being known dead: it shut down
+/// cleanly, or its last heartbeat is older than the `dead_after` it announced.
+macro_rules! owner_dead {
+    () => {
+        concat!(
+            " EXISTS (SELECT 1 FROM taskmill_workers w WHERE w.id = taskmill_jobs.owner",
+            " AND (w.stopped_at IS NOT NULL OR w.last_heartbeat + w.dead_after_ms <= ",
+            now_ms!(),
+            "))"
+        )
+    };
 }
 
-impl SqliteStore {
+/// [`IdempotencyStore`](crate::IdempotencyStore) on SQLite.
+pub type SqliteStore = SqlStore<Sqlite>;
+
+impl SqlStore<Sqlite> {
     /// Opens (creating if missing) the database named by a `sqlite:` URL and migrates it.
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
         let redacted = redact_url(url);
@@ -134,14 +141,8 @@ impl SqliteStore {
             .await?;
         tx.commit().await.map_err(StoreError::db("migrate"))?;
         drop(conn);
-        let batch = GroupCommit::start(pool.clone());
-        Ok(SqliteStore { pool, batch })
-    }
-
-    /// The connection pool, for handler code that writes to the same file outside a
-    /// completion (and for tests).
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+        let batch = GroupCommit::start::<Sqlite>(pool.clone());
+        Ok(SqlStore::new(pool, Some(batch)))
     }
 }
 
@@ -157,332 +158,124 @@ fn is_busy(e: &sqlx::Error) -> bool {
     }
 }
 
-/// The claim decision for `key`, run on `conn` (inside the group commit's
-/// transaction, so no other writer can change the row between its
-/// statements). A [`StoreError::Database`] means the connection or the
-/// transaction failed; any other error is about this key's row alone.
-pub(crate) async fn claim_on(
-    conn: &mut SqliteConnection,
-    key: &str,
-    job_id: &str,
-    kind: &str,
-    owner: &str,
-    lease_ms: i64,
-) -> Result<Claim, StoreError> {
-    // One statement decides: insert a fresh claim, or take over a claimed row whose lease
-    // expired, bumping the epoch. A row that is not taken over is left untouched and
-    // RETURNING yields nothing.
-    for _ in 0..CLAIM_RETRIES {
-        let row = sqlx::query(CLAIM_SQL)
-            .bind(key)
-            .bind(job_id)
-            .bind(kind)
-            .bind(owner)
-            .bind(lease_ms)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(StoreError::db("claim"))?;
-        if let Some(row) = row {
-            let fencing: i64 = row.try_get(0).map_err(StoreError::db("claim"))?;
-            tracing::debug!(key, owner, fencing, "claim acquired");
-            return Ok(Claim::Acquired(ClaimToken {
-                key: key.to_owned(),
-                owner: owner.to_owned(),
-                fencing,
-            }));
-        }
-        let existing = sqlx::query(INSPECT_SQL)
-            .bind(key)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(StoreError::db("claim"))?;
-        let Some(row) = existing else {
-            continue; // deleted in between (forget/purge): try to insert again
-        };
-        let existing = Existing {
-            state: row.try_get("state").map_err(StoreError::db("claim"))?,
-            owner: row.try_get("owner").map_err(StoreError::db("claim"))?,
-            result: row.try_get("result").map_err(StoreError::db("claim"))?,
-            error: row.try_get("error").map_err(StoreError::db("claim"))?,
-            expires_in_ms: row
-                .try_get("expires_in_ms")
-                .map_err(StoreError::db("claim"))?,
-        };
-        let holder = existing.owner.clone();
-        if let Some(claim) = existing.into_claim(key)? {
-            return Ok(claim);
-        }
-        tracing::trace!(
-            key,
-            holder,
-            "lease expired between statements; claiming again"
-        );
-    }
-    // The row kept changing under us; let the caller retry later like any held key.
-    Ok(Claim::HeldElsewhere {
-        owner: String::new(),
-        expires_in: Duration::ZERO,
-    })
-}
-
-/// Marks the token's claim completed; returns rows changed (0 = lease lost).
-pub(crate) async fn mark_completed<'c, E>(
-    ex: E,
-    token: &ClaimToken,
-    result_json: &str,
-) -> Result<u64, sqlx::Error>
-where
-    E: Executor<'c, Database = Sqlite>,
-{
-    let q = sqlx::query(concat!(
+impl Dialect for Sqlite {
+    const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+    const CLAIM: &'static str = concat!(
+        "INSERT INTO taskmill_jobs",
+        " (key, state, owner, lease_expires_at, attempts, job_id, kind, created_at, updated_at)",
+        " VALUES (?1, 'claimed', ?4, ",
+        now_ms!(),
+        " + ?5, 1, ?2, ?3, ",
+        now_ms!(),
+        ", ",
+        now_ms!(),
+        ")",
+        " ON CONFLICT (key) DO UPDATE SET",
+        " owner = excluded.owner, lease_expires_at = excluded.lease_expires_at,",
+        " attempts = taskmill_jobs.attempts + 1, job_id = excluded.job_id,",
+        " kind = excluded.kind, updated_at = excluded.updated_at",
+        " WHERE taskmill_jobs.state = 'claimed'",
+        " AND (taskmill_jobs.lease_expires_at <= excluded.updated_at OR",
+        owner_dead!(),
+        ") RETURNING attempts"
+    );
+    const INSPECT: &'static str = concat!(
+        "SELECT state, owner, result, error,",
+        " MAX(COALESCE(lease_expires_at, 0) - ",
+        now_ms!(),
+        ", 0) AS expires_in_ms",
+        " FROM taskmill_jobs WHERE key = ?1"
+    );
+    const COMPLETE: &'static str = concat!(
         "UPDATE taskmill_jobs SET state = 'completed', result = ?4, error = NULL,",
         " lease_expires_at = NULL, completed_at = ",
         now_ms!(),
         ", updated_at = ",
         now_ms!(),
         fenced!()
-    ));
-    Ok(q.bind(&token.key)
-        .bind(&token.owner)
-        .bind(token.fencing)
-        .bind(result_json)
-        .execute(ex)
-        .await?
-        .rows_affected())
-}
+    );
+    const FAIL: &'static str = concat!(
+        "UPDATE taskmill_jobs SET state = 'failed', error = ?4, result = NULL,",
+        " lease_expires_at = NULL, updated_at = ",
+        now_ms!(),
+        fenced!()
+    );
+    const RELEASE: &'static str = concat!(
+        "UPDATE taskmill_jobs SET lease_expires_at = ",
+        now_ms!(),
+        ", updated_at = ",
+        now_ms!(),
+        fenced!()
+    );
+    const EXTEND: &'static str = concat!(
+        "UPDATE taskmill_jobs SET lease_expires_at = ",
+        now_ms!(),
+        " + ?4, updated_at = ",
+        now_ms!(),
+        fenced!()
+    );
+    const HOLD: &'static str = concat!("SELECT 1 AS held FROM taskmill_jobs", fenced!());
+    const GET: &'static str = "SELECT key, state, owner, attempts, lease_expires_at, result, \
+        error, job_id, kind, created_at, updated_at, completed_at \
+        FROM taskmill_jobs WHERE key = ?1";
+    const FORGET: &'static str = "DELETE FROM taskmill_jobs WHERE key = ?1";
+    const PURGE: &'static str = concat!(
+        "DELETE FROM taskmill_jobs WHERE key IN (",
+        " SELECT key FROM taskmill_jobs",
+        " WHERE state <> 'claimed' AND updated_at < ",
+        now_ms!(),
+        " - ?1 LIMIT ?2)"
+    );
+    // Two statements in one text, run as one request of the group commit (one commit).
+    const HEARTBEAT: &'static str = concat!(
+        "INSERT INTO taskmill_workers (id, host, version, queues, concurrency, pool_size,",
+        " started_at_ms, in_flight, jobs_done, dead_after_ms, last_heartbeat, stopped_at)",
+        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ",
+        now_ms!(),
+        ", NULL)",
+        " ON CONFLICT (id) DO UPDATE SET host = excluded.host, version = excluded.version,",
+        " queues = excluded.queues, concurrency = excluded.concurrency,",
+        " pool_size = excluded.pool_size, started_at_ms = excluded.started_at_ms,",
+        " in_flight = excluded.in_flight, jobs_done = excluded.jobs_done,",
+        " dead_after_ms = excluded.dead_after_ms, last_heartbeat = excluded.last_heartbeat,",
+        " stopped_at = NULL;",
+        " UPDATE taskmill_jobs SET lease_expires_at = ",
+        now_ms!(),
+        " + ?12, updated_at = ",
+        now_ms!(),
+        " FROM (SELECT json_extract(value, '$.key') AS k, json_extract(value, '$.owner') AS o,",
+        " json_extract(value, '$.fencing') AS f FROM json_each(?11)) AS t",
+        " WHERE taskmill_jobs.key = t.k AND taskmill_jobs.owner = t.o",
+        " AND taskmill_jobs.attempts = t.f AND taskmill_jobs.state = 'claimed'",
+        " RETURNING key"
+    );
+    const DEREGISTER: &'static str = concat!(
+        "UPDATE taskmill_workers SET stopped_at = ",
+        now_ms!(),
+        " WHERE id = ?1"
+    );
+    const WORKERS: &'static str = concat!(
+        "SELECT id, host, version, queues, concurrency, pool_size, started_at_ms, in_flight,",
+        " jobs_done, last_heartbeat, dead_after_ms,",
+        " (stopped_at IS NOT NULL) AS deregistered,",
+        " (stopped_at IS NULL AND last_heartbeat + dead_after_ms > ",
+        now_ms!(),
+        ") AS alive",
+        " FROM taskmill_workers ORDER BY last_heartbeat DESC, id"
+    );
 
-fn raw_record(row: &SqliteRow) -> Result<RawRecord, sqlx::Error> {
-    Ok(RawRecord {
-        key: row.try_get("key")?,
-        state: row.try_get("state")?,
-        owner: row.try_get("owner")?,
-        attempts: row.try_get("attempts")?,
-        lease_expires_at: row.try_get("lease_expires_at")?,
-        result: row.try_get("result")?,
-        error: row.try_get("error")?,
-        job_id: row.try_get("job_id")?,
-        kind: row.try_get("kind")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        completed_at: row.try_get("completed_at")?,
-    })
-}
+    run_and_decode!();
 
-impl SqliteStore {
-    /// Runs a fenced single-statement write; 0 rows changed means the lease was lost.
-    async fn fenced_write(
-        &self,
-        op: &'static str,
-        sql: &'static str,
+    async fn begin_completion(
+        store: &SqlStore<Self>,
         token: &ClaimToken,
-        extra: Option<Bind<'_>>,
-    ) -> Result<(), StoreError> {
-        let mut q = sqlx::query(sql)
-            .bind(&token.key)
-            .bind(&token.owner)
-            .bind(token.fencing);
-        q = match extra {
-            Some(Bind::Text(t)) => q.bind(t),
-            Some(Bind::Int(i)) => q.bind(i),
-            None => q,
-        };
-        let n = q
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::db(op))?
-            .rows_affected();
-        if n == 1 {
-            tracing::debug!(key = %token.key, fencing = token.fencing, op, "store write");
-            Ok(())
-        } else {
-            Err(lease_lost(token))
-        }
-    }
-}
-
-enum Bind<'a> {
-    Text(&'a str),
-    Int(i64),
-}
-
-const CLAIM_SQL: &str = concat!(
-    "INSERT INTO taskmill_jobs",
-    " (key, state, owner, lease_expires_at, attempts, job_id, kind, created_at, updated_at)",
-    " VALUES (?1, 'claimed', ?4, ",
-    now_ms!(),
-    " + ?5, 1, ?2, ?3, ",
-    now_ms!(),
-    ", ",
-    now_ms!(),
-    ")",
-    " ON CONFLICT (key) DO UPDATE SET",
-    " owner = excluded.owner, lease_expires_at = excluded.lease_expires_at,",
-    " attempts = taskmill_jobs.attempts + 1, job_id = excluded.job_id,",
-    " kind = excluded.kind, updated_at = excluded.updated_at",
-    " WHERE taskmill_jobs.state = 'claimed'",
-    " AND taskmill_jobs.lease_expires_at <= excluded.updated_at",
-    " RETURNING attempts"
-);
-const INSPECT_SQL: &str = concat!(
-    "SELECT state, owner, result, error,",
-    " MAX(COALESCE(lease_expires_at, 0) - ",
-    now_ms!(),
-    ", 0) AS expires_in_ms",
-    " FROM taskmill_jobs WHERE key = ?1"
-);
-
-impl IdempotencyStore for SqliteStore {
-    async fn claim(
-        &self,
-        key: &str,
-        job_id: &str,
-        kind: &str,
-        owner: &str,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.batch
-            .claim(key, job_id, kind, owner, millis(lease))
-            .await
-    }
-
-    async fn complete(
-        &self,
-        token: &ClaimToken,
-        result: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        self.batch.complete(token, json_text(result)).await
-    }
-
-    async fn begin_completion(&self, token: &ClaimToken) -> Result<CompletionTx, StoreError> {
-        // BEGIN IMMEDIATE takes the write lock now (waiting up to busy_timeout), so no other
-        // connection or process can take the claim over until we commit or roll back.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::db("begin_completion"))?;
-        let held = sqlx::query(concat!("SELECT 1 FROM taskmill_jobs", fenced!()))
-            .bind(&token.key)
-            .bind(&token.owner)
-            .bind(token.fencing)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(StoreError::db("begin_completion"))?;
-        if held.is_none() {
-            // Dropping `tx` rolls back and releases the lock.
-            return Err(lease_lost(token));
-        }
-        Ok(CompletionTx::sqlite_tx(token.clone(), tx))
-    }
-
-    async fn fail(&self, token: &ClaimToken, error: &serde_json::Value) -> Result<(), StoreError> {
-        let text = json_text(error);
-        self.fenced_write(
-            "fail",
-            concat!(
-                "UPDATE taskmill_jobs SET state = 'failed', error = ?4, result = NULL,",
-                " lease_expires_at = NULL, updated_at = ",
-                now_ms!(),
-                fenced!()
-            ),
-            token,
-            Some(Bind::Text(&text)),
-        )
-        .await
-    }
-
-    async fn release(&self, token: &ClaimToken) -> Result<(), StoreError> {
-        self.fenced_write(
-            "release",
-            concat!(
-                "UPDATE taskmill_jobs SET lease_expires_at = ",
-                now_ms!(),
-                ", updated_at = ",
-                now_ms!(),
-                fenced!()
-            ),
-            token,
-            None,
-        )
-        .await
-    }
-
-    async fn extend_lease(&self, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        self.fenced_write(
-            "extend_lease",
-            concat!(
-                "UPDATE taskmill_jobs SET lease_expires_at = ",
-                now_ms!(),
-                " + ?4, updated_at = ",
-                now_ms!(),
-                fenced!()
-            ),
-            token,
-            Some(Bind::Int(millis(lease))),
-        )
-        .await
-    }
-
-    async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        let row = sqlx::query(
-            "SELECT key, state, owner, attempts, lease_expires_at, result, error, job_id, kind,
-                    created_at, updated_at, completed_at
-             FROM taskmill_jobs WHERE key = ?1",
-        )
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(StoreError::db("get"))?;
-        match row {
-            None => Ok(None),
-            Some(row) => raw_record(&row)
-                .map_err(StoreError::db("get"))?
-                .into_record()
-                .map(Some),
-        }
-    }
-
-    async fn forget(&self, key: &str) -> Result<bool, StoreError> {
-        let n = sqlx::query("DELETE FROM taskmill_jobs WHERE key = ?1")
-            .bind(key)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::db("forget"))?
-            .rows_affected();
-        Ok(n > 0)
-    }
-
-    async fn purge_older_than(&self, retention: Duration) -> Result<u64, StoreError> {
-        const PURGE_SQL: &str = concat!(
-            "DELETE FROM taskmill_jobs WHERE key IN (",
-            " SELECT key FROM taskmill_jobs",
-            " WHERE state <> 'claimed' AND updated_at < ",
-            now_ms!(),
-            " - ?1 LIMIT ?2)"
-        );
-        let mut total = 0u64;
-        loop {
-            let n = sqlx::query(PURGE_SQL)
-                .bind(millis(retention))
-                .bind(PURGE_BATCH)
-                .execute(&self.pool)
-                .await
-                .map_err(StoreError::db("purge"))?
-                .rows_affected();
-            total += n;
-            if n < PURGE_BATCH as u64 {
-                break;
-            }
-        }
-        tracing::debug!(deleted = total, "purged finished keys");
-        Ok(total)
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::db("ping"))?;
-        Ok(())
+    ) -> Result<CompletionTx, StoreError> {
+        // Verify now, but take no lock: the write lock is taken when the handler first uses
+        // the transaction (see CompletionTx), so a handler that computes before it writes
+        // does not stop every other claim and completion on the file meanwhile.
+        let mut conn = store.conn("begin_completion").await?;
+        crate::body::hold_on::<Sqlite>(&mut conn, token).await?;
+        drop(conn);
+        Ok(CompletionTx::sqlite_lazy(token.clone(), store.clone()))
     }
 }

@@ -1,9 +1,14 @@
 //! Transactional completion: the handler's database writes and the `completed` row commit
 //! together or not at all.
 
-use sqlx::{AssertSqlSafe, PgConnection, Postgres, Sqlite, SqliteConnection, Transaction};
+use sqlx::{
+    AssertSqlSafe, PgConnection, Postgres, SqlSafeStr, Sqlite, SqliteConnection, Transaction,
+};
 
-use crate::{Backend, ClaimToken, StoreError, json_text, lease_lost, postgres, sqlite};
+use crate::body::{complete_on, hold_on, json_text};
+use crate::dialect::{Arg, Dialect};
+use crate::sql_store::group_complete;
+use crate::{Backend, ClaimToken, SqliteStore, StoreError};
 
 /// An open database transaction that holds a verified claim, returned by
 /// [`IdempotencyStore::begin_completion`](crate::IdempotencyStore::begin_completion).
@@ -20,11 +25,23 @@ use crate::{Backend, ClaimToken, StoreError, json_text, lease_lost, postgres, sq
 ///   the key stays `claimed`, so after [`release`](crate::IdempotencyStore::release) or lease
 ///   expiry a retry claims it and runs again from a clean slate.
 ///
-/// While it is open the claim cannot be taken over: on PostgreSQL the row is locked
-/// (`SELECT ... FOR UPDATE`), so a competing claim waits; on SQLite the transaction was opened
-/// with `BEGIN IMMEDIATE` and holds the database's write lock, so **every other writer (all
-/// workers on that file) waits**. Keep it short: compute first, then open the transaction,
-/// write, commit.
+/// On PostgreSQL the row is locked (`SELECT ... FOR UPDATE`) while it is open, so a
+/// competing claim waits.
+///
+/// On SQLite the file has one writer, so the transaction takes no lock when it begins: the
+/// claim is verified, and the write lock (`BEGIN IMMEDIATE`, claim verified again) is taken
+/// when the handler first runs a statement ([`execute`](CompletionTx::execute) or
+/// [`sqlite`](CompletionTx::sqlite)). From then until commit **every other writer on the
+/// file waits**, so compute first, then write and return. A handler that writes nothing
+/// commits through the group commit like a plain completion. Before the first statement the
+/// claim is protected by its lease (kept alive by the worker's heartbeat) and fencing: if
+/// it was taken over meanwhile, the first statement or the commit fails with `LeaseLost`
+/// and nothing is written.
+///
+/// Why not the alternatives: buffering the handler's statements until commit would hide
+/// their row counts and errors from the handler, and a deferred transaction that reads
+/// before it writes fails with `SQLITE_BUSY_SNAPSHOT` whenever any claim committed
+/// meanwhile (always, under load).
 ///
 /// Effects outside this database (HTTP calls, other databases, files) are not covered: they
 /// stay at-least-once and need their own idempotency.
@@ -43,15 +60,16 @@ impl std::fmt::Debug for CompletionTx {
 }
 
 enum Inner {
-    Sqlite(Transaction<'static, Sqlite>),
+    /// The store, and the write transaction once the handler first used it.
+    Sqlite(SqliteStore, Option<Transaction<'static, Sqlite>>),
     Postgres(Transaction<'static, Postgres>),
 }
 
 impl CompletionTx {
-    pub(crate) fn sqlite_tx(token: ClaimToken, tx: Transaction<'static, Sqlite>) -> Self {
+    pub(crate) fn sqlite_lazy(token: ClaimToken, store: SqliteStore) -> Self {
         CompletionTx {
             token,
-            inner: Inner::Sqlite(tx),
+            inner: Inner::Sqlite(store, None),
         }
     }
 
@@ -70,7 +88,7 @@ impl CompletionTx {
     /// The backend, to choose the SQL dialect.
     pub fn backend(&self) -> Backend {
         match self.inner {
-            Inner::Sqlite(_) => Backend::Sqlite,
+            Inner::Sqlite(..) => Backend::Sqlite,
             Inner::Postgres(_) => Backend::Postgres,
         }
     }
@@ -80,16 +98,27 @@ impl CompletionTx {
     pub fn postgres(&mut self) -> Option<&mut PgConnection> {
         match &mut self.inner {
             Inner::Postgres(tx) => Some(&mut **tx),
-            Inner::Sqlite(_) => None,
+            Inner::Sqlite(..) => None,
         }
     }
 
-    /// The transaction's connection on SQLite (`None` on PostgreSQL).
-    pub fn sqlite(&mut self) -> Option<&mut SqliteConnection> {
-        match &mut self.inner {
-            Inner::Sqlite(tx) => Some(&mut **tx),
-            Inner::Postgres(_) => None,
+    /// The transaction's connection on SQLite (`Ok(None)` on PostgreSQL). The first call
+    /// takes the file's write lock and verifies the claim again (`LeaseLost` if it was
+    /// taken over since [`begin_completion`](crate::IdempotencyStore::begin_completion)).
+    pub async fn sqlite(&mut self) -> Result<Option<&mut SqliteConnection>, StoreError> {
+        let Inner::Sqlite(store, open) = &mut self.inner else {
+            return Ok(None);
+        };
+        if open.is_none() {
+            let mut tx = store
+                .pool()
+                .begin_with(Sqlite::BEGIN_WRITE)
+                .await
+                .map_err(StoreError::db("begin_completion"))?;
+            hold_on::<Sqlite>(&mut tx, &self.token).await?;
+            *open = Some(tx);
         }
+        Ok(open.as_deref_mut())
     }
 
     /// Runs one statement inside the transaction with text parameters and returns the number
@@ -100,29 +129,19 @@ impl CompletionTx {
     /// PostgreSQL cast where a column is not text (`$1::bigint`). Pass data only through
     /// `text_binds`, never by formatting it into `sql`.
     pub async fn execute(&mut self, sql: &str, text_binds: &[&str]) -> Result<u64, StoreError> {
-        let sql = AssertSqlSafe(sql);
-        match &mut self.inner {
-            Inner::Sqlite(tx) => {
-                let mut q = sqlx::query(sql);
-                for b in text_binds {
-                    q = q.bind(*b);
-                }
-                Ok(q.execute(&mut **tx)
-                    .await
-                    .map_err(StoreError::db("completion execute"))?
-                    .rows_affected())
+        let sql = AssertSqlSafe(sql.to_owned()).into_sql_str();
+        let binds: Vec<Arg> = text_binds.iter().map(|b| Arg::from(*b)).collect();
+        let done = match self.backend() {
+            Backend::Sqlite => {
+                let conn = self.sqlite().await?.expect("backend is SQLite");
+                Sqlite::execute(conn, sql, binds).await
             }
-            Inner::Postgres(tx) => {
-                let mut q = sqlx::query(sql);
-                for b in text_binds {
-                    q = q.bind(*b);
-                }
-                Ok(q.execute(&mut **tx)
-                    .await
-                    .map_err(StoreError::db("completion execute"))?
-                    .rows_affected())
+            Backend::Postgres => {
+                let conn = self.postgres().expect("backend is PostgreSQL");
+                Postgres::execute(conn, sql, binds).await
             }
-        }
+        };
+        done.map_err(StoreError::db("completion execute"))
     }
 
     /// Records `result`, marks the key completed and commits, together with everything the
@@ -134,32 +153,13 @@ impl CompletionTx {
     pub async fn commit(self, result: &serde_json::Value) -> Result<(), StoreError> {
         let text = json_text(result);
         let token = self.token;
-        let changed = match self.inner {
-            Inner::Sqlite(mut tx) => {
-                let n = sqlite::mark_completed(&mut *tx, &token, &text)
-                    .await
-                    .map_err(StoreError::db("commit"))?;
-                if n == 1 {
-                    tx.commit().await.map_err(StoreError::db("commit"))?;
-                }
-                n
-            }
-            Inner::Postgres(mut tx) => {
-                let n = postgres::mark_completed(&mut *tx, &token, &text)
-                    .await
-                    .map_err(StoreError::db("commit"))?;
-                if n == 1 {
-                    tx.commit().await.map_err(StoreError::db("commit"))?;
-                }
-                n
-            }
-        };
-        // The claim was verified and locked when the transaction began, so this cannot
-        // happen unless someone bypassed the store (e.g. a manual DELETE under SQLite's lock
-        // is impossible; a handler that updated taskmill_jobs itself is not). The transaction
-        // was dropped, i.e. rolled back.
-        if changed != 1 {
-            return Err(lease_lost(&token));
+        // A lost claim (possible on SQLite before the first statement, or if a handler
+        // updated taskmill_jobs itself) is `LeaseLost`; the dropped transaction rolls back.
+        match self.inner {
+            // Nothing written: a plain completion, committed with the group.
+            Inner::Sqlite(store, None) => group_complete(&store, &token, text).await?,
+            Inner::Sqlite(_, Some(tx)) => commit_on(tx, &token, &text).await?,
+            Inner::Postgres(tx) => commit_on(tx, &token, &text).await?,
         }
         tracing::debug!(key = %token.key, fencing = token.fencing, "completed (transactional)");
         Ok(())
@@ -169,9 +169,20 @@ impl CompletionTx {
     /// let the lease expire, so that a retry can run). Dropping the value does the same.
     pub async fn rollback(self) -> Result<(), StoreError> {
         match self.inner {
-            Inner::Sqlite(tx) => tx.rollback().await,
+            Inner::Sqlite(_, None) => Ok(()),
+            Inner::Sqlite(_, Some(tx)) => tx.rollback().await,
             Inner::Postgres(tx) => tx.rollback().await,
         }
         .map_err(StoreError::db("rollback"))
     }
+}
+
+/// Marks the claim completed inside `tx` and commits it.
+async fn commit_on<D: Dialect>(
+    mut tx: Transaction<'static, D>,
+    token: &ClaimToken,
+    result_json: &str,
+) -> Result<(), StoreError> {
+    complete_on::<D>(&mut tx, token, result_json).await?;
+    tx.commit().await.map_err(StoreError::db("commit"))
 }

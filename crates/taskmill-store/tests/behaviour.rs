@@ -183,12 +183,12 @@ async fn transactional_completion_commit_and_drop(url: String) {
                 assert!(tx.postgres().is_none());
                 sqlx::query("INSERT INTO test_effects (name) VALUES (?)")
                     .bind("k3-drop")
-                    .execute(tx.sqlite().unwrap())
+                    .execute(tx.sqlite().await.unwrap().unwrap())
                     .await
                     .unwrap();
             }
             Kind::Postgres => {
-                assert!(tx.sqlite().is_none());
+                assert!(tx.sqlite().await.unwrap().is_none());
                 sqlx::query("INSERT INTO test_effects (name) VALUES ($1)")
                     .bind("k3-drop")
                     .execute(tx.postgres().unwrap())
@@ -483,10 +483,10 @@ async fn concurrent_connect_on_fresh_database(url: String) {
     for s in &stores {
         s.ping().await.unwrap();
     }
-    // One migration recorded, and the stores share one table.
+    // Each migration (0001 init, 0002 workers) recorded once, and the stores share one table.
     assert_eq!(
         count(&stores[0], "SELECT COUNT(*) FROM _sqlx_migrations").await,
-        1
+        2
     );
     let t = acquire(&stores[0], "k7", "w", LONG).await;
     stores[3].complete(&t, &json!(7)).await.unwrap();
@@ -682,7 +682,9 @@ async fn sqlite_busy_beyond_timeout_is_a_transient_error() {
         let opts = StoreOptions::default().sqlite_busy_timeout(Duration::from_millis(100));
         let b = Store::connect_with(&url, &opts).await.unwrap();
         let t = acquire(&a, "busy", "worker-a", LONG).await;
-        let tx = a.begin_completion(&t).await.unwrap(); // holds the write lock
+        let mut tx = a.begin_completion(&t).await.unwrap();
+        // The completion takes the write lock at its first statement, then holds it.
+        tx.execute("SELECT 1", &[]).await.unwrap();
         let err = b
             .claim("other-key", "j", "test_kind", "worker-b", LONG)
             .await

@@ -91,9 +91,10 @@ async fn sqlite_processes_share_one_fresh_file() {
             );
         }
         let store = Store::connect(&url).await.unwrap();
+        // Each migration (0001 init, 0002 workers) recorded once.
         assert_eq!(
             count(&store, "SELECT COUNT(*) FROM _sqlx_migrations").await,
-            1
+            2
         );
         assert_eq!(
             count(&store, "SELECT COUNT(*) FROM test_effects").await,
