@@ -216,6 +216,13 @@ impl WorkerBuilder {
                 handlers: self.handlers,
                 observer: self.observer,
                 worker_id,
+                host: host_name(),
+                leases: Default::default(),
+                lease_timing: crate::leases::LeaseTiming::new(
+                    Duration::from_millis(config.lease_ms),
+                    Duration::from_millis(config.heartbeat_ms),
+                ),
+                permits: Default::default(),
                 store: tokio::sync::OnceCell::new(),
                 cpu: std::sync::OnceLock::new(),
                 config,
@@ -224,6 +231,15 @@ impl WorkerBuilder {
             has_cpu,
         })
     }
+}
+
+/// The machine's host name (the pod name on Kubernetes), for the registry.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 /// A configured worker, ready to start.

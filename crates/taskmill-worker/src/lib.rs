@@ -7,9 +7,12 @@
 //! Layout:
 //! - [`handler`]: [`JobContext`] and the type-erased handler registry.
 //! - [`builder`]: [`WorkerBuilder`], where handlers are registered by kind.
-//! - [`runtime`]: the supervisor (connect, declare, consume, reconnect) and the
+//! - `runtime`: the supervisor (connect, declare, consume, reconnect) and the
 //!   per-queue consume loops.
-//! - [`job`]: the life of one delivery, from decode to ack.
+//! - `job/`: the life of one delivery, one file per stage, around the pure
+//!   `job::decide` (finding -> settlement).
+//! - `leases`: heartbeat leases on claimed keys and the worker's registry row.
+//! - `shared`: the state every task shares (`Shared`, `Session`), [`JobReport`].
 //! - [`signal`]: SIGTERM/SIGINT as a cancellation.
 //!
 //! ```no_run
@@ -37,6 +40,7 @@ pub mod builder;
 mod cpu_metrics;
 pub mod handler;
 mod job;
+mod leases;
 mod runtime;
 mod shared;
 pub mod signal;

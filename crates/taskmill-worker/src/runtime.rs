@@ -9,11 +9,11 @@
 //! unacknowledged delivery to its queue.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use taskmill_broker::{Broker, BrokerError, Consumer, QueueSpec};
 use taskmill_core::config::QueueSettings;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,6 +39,10 @@ pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) 
         return;
     }
     let purge = tokio::spawn(purge_expired_keys(shared.clone(), shutdown.clone()));
+    // The heartbeat runs until the drain is over: jobs still running during
+    // the grace period keep their leases.
+    let beats = CancellationToken::new();
+    let heartbeat = tokio::spawn(crate::leases::heartbeat_loop(shared.clone(), beats.clone()));
     let mut backoff = BACKOFF_START;
     // Set once a session that was up is lost: the next session to come up
     // counts as one reconnection, however many attempts it takes.
@@ -69,6 +73,13 @@ pub(crate) async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) 
     }
     shared.readiness.set("broker", false);
     purge.abort();
+    beats.cancel();
+    let _ = heartbeat.await;
+    if let Some(store) = shared.store.get()
+        && let Err(e) = store.deregister_worker(&shared.worker_id).await
+    {
+        tracing::warn!(error = %e, "cannot deregister the worker; its registry entry ages out");
+    }
     if let Some(pool) = shared.cpu.get() {
         pool.shutdown(Duration::ZERO).await;
     }
@@ -153,9 +164,12 @@ async fn run_session(
     lost: &mut bool,
 ) -> Result<(), SessionError> {
     let name = format!("taskmill worker {}", shared.worker_id);
-    let broker = Broker::connect(&shared.config.amqp_url, &name)
-        .await
-        .map_err(SessionError::Start)?;
+    // Raced against shutdown: a broker that never answers must not hold
+    // up SIGTERM.
+    let broker = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        b = Broker::connect(&shared.config.amqp_url, &name) => b.map_err(SessionError::Start)?,
+    };
     // The delay ladder first: work queues bind to its delivery exchange.
     broker.declare_delays().await.map_err(SessionError::Start)?;
     for q in &shared.config.queues {
@@ -282,7 +296,7 @@ async fn consume_loop(
     let check = format!("consumer:{}", settings.name);
     shared.readiness.set(&check, true);
     tracing::info!(queue = %settings.name, prefetch = settings.prefetch, concurrency = settings.concurrency, "consuming");
-    let permits = Arc::new(Semaphore::new(settings.concurrency));
+    let permits = shared.permits(&settings.name, settings.concurrency);
     let last = crate::watchdog::LastDelivery::new();
     if shared.config.consume_watchdog_ms > 0 {
         tokio::spawn(crate::watchdog::watch(
@@ -331,8 +345,10 @@ async fn consume_loop(
             p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
         let s = session.clone();
+        shared.leases.in_flight.fetch_add(1, Ordering::Relaxed);
         tracker.spawn(async move {
             job::handle(&s, incoming).await;
+            s.shared.leases.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }

@@ -16,6 +16,7 @@ use taskmill_telemetry::{Metrics, Readiness};
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::Handler;
+use crate::leases::{LeaseTiming, Leases};
 
 /// What happened to one job, for in-process observers (the demo, tests).
 #[derive(Debug, Clone)]
@@ -51,6 +52,25 @@ pub(crate) struct Shared {
     pub(crate) readiness: Readiness,
     pub(crate) observer: Option<JobObserver>,
     pub(crate) worker_id: String,
+    /// The host name, for the worker registry.
+    pub(crate) host: String,
+    /// The claims held now, kept alive by the heartbeat.
+    pub(crate) leases: Arc<Leases>,
+    pub(crate) lease_timing: LeaseTiming,
+    /// Per queue, the permits that bound its concurrency. They outlive a
+    /// session: jobs of a lost session keep their permits until they finish,
+    /// so a flapping broker cannot multiply the load.
+    pub(crate) permits: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Shared {
+    /// The permits of `queue`, created with `concurrency` on first use.
+    pub(crate) fn permits(&self, queue: &str, concurrency: usize) -> Arc<tokio::sync::Semaphore> {
+        let mut all = self.permits.lock().unwrap_or_else(|e| e.into_inner());
+        all.entry(queue.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(concurrency)))
+            .clone()
+    }
 }
 
 /// What the tasks of one session (one broker connection) share.

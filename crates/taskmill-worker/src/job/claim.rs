@@ -56,6 +56,21 @@ pub(super) async fn claim(
             Ok(Claim::HeldElsewhere { expires_in, .. }) => {
                 Err(Finding::HeldElsewhere { expires_in })
             }
+            Err(e @ StoreError::InvalidInput { .. }) => {
+                // Nothing about this job will ever be accepted by the store
+                // (a NUL byte in its key, say): waiting cannot help, so it is
+                // refused once instead of deferred forever.
+                StoreWriteFailed {
+                    key,
+                    what: "claim",
+                    error: &e,
+                }
+                .emit(shared);
+                Err(Finding::Refused {
+                    reason: DeadReason::BadHeader,
+                    detail: format!("the store refuses the job: {e}"),
+                })
+            }
             Err(e) => {
                 shared.readiness.set("store", false);
                 StoreWriteFailed {

@@ -217,6 +217,10 @@ impl Finished {
             .jobs_total
             .with_label_values(&[&r.queue, kind, r.outcome.as_str()])
             .inc();
+        shared
+            .leases
+            .jobs_done
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(obs) = &shared.observer {
             obs(r);
         }

@@ -29,7 +29,6 @@ use bytes::Bytes;
 use taskmill_broker::Incoming;
 use taskmill_core::wire::now_us;
 use taskmill_core::{DecodeError, Envelope, Outcome};
-use taskmill_store::ClaimToken;
 use taskmill_telemetry::metrics::UNKNOWN_KIND;
 use taskmill_telemetry::traces::spans;
 use tracing::{Instrument, Span};
@@ -40,11 +39,8 @@ use decide::Finding;
 use events::{QueueWaited, Ran, Refused};
 use settle::DeadLetter;
 
+use crate::leases::LeaseHold;
 use crate::shared::{JobReport, Session};
-
-/// Margin of an idempotency lease over the job's hard timeout: the lease
-/// outlives every attempt that can still be running.
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
 
 /// The identity of a job for reports, and its `taskmill.job` span.
 pub(crate) struct Info {
@@ -81,8 +77,9 @@ pub(crate) struct Job<'s> {
     env: Envelope,
     payload: Bytes,
     info: Info,
-    /// The claim on the job's key, once taken.
-    token: Option<ClaimToken>,
+    /// The claim on the job's key, once taken, kept alive by the heartbeat
+    /// until the job settles.
+    token: Option<LeaseHold>,
 }
 
 /// Handles one delivery from its decode to its settlement.
@@ -156,9 +153,8 @@ async fn pipeline(mut job: Job<'_>) {
         .emit(shared);
     }
     if let Some(key) = claim::key_of(&job.env, &handler) {
-        let lease = timeout.saturating_add(LEASE_MARGIN);
-        match Box::pin(claim::claim(&job, &key, lease)).await {
-            Ok(token) => job.token = Some(token),
+        match Box::pin(claim::claim(&job, &key)).await {
+            Ok(token) => job.token = Some(shared.leases.hold(token)),
             Err(finding) => {
                 return Box::pin(settle::settle(job, finding, Duration::ZERO)).await;
             }

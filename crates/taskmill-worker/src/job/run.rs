@@ -42,7 +42,7 @@ pub(super) async fn run(job: &Job<'_>, handler: &Handler, timeout: Duration) -> 
             value,
             committed: false,
         }) if job.token.is_some() => {
-            let token = job.token.as_ref().expect("checked above");
+            let token = job.token.as_ref().expect("checked above").token();
             let recorded = Box::pin(claim::record_completion(job, token, &value)).await;
             Finding::Succeeded { value, recorded }
         }
@@ -117,7 +117,8 @@ async fn run_tx(
     let token = job
         .token
         .as_ref()
-        .expect("transactional jobs are always claimed");
+        .expect("transactional jobs are always claimed")
+        .token();
     let tx = job
         .session
         .store()

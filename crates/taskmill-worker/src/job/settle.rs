@@ -48,7 +48,7 @@ pub(super) async fn settle(job: Job<'_>, finding: Finding, run_time: Duration) {
     }
     .emit();
     let celery_exc = celery_exception(&job.wire, &finding);
-    if let Some(token) = &job.token {
+    if let Some(token) = job.token.as_ref().map(|h| h.token()) {
         match (settlement.store_effect(), &finding, &settlement) {
             (StoreEffect::Release, ..) => claim::release(&job, token).await,
             (StoreEffect::Fail, Finding::Failed(err), Settlement::DeadLetter { reason, .. }) => {
