@@ -904,7 +904,13 @@ async fn notify(session: &Session, to: &ReplyTo, notice: Notice) -> bool {
         notice.traceback.as_deref(),
         now_us(),
     );
-    let msg = Outgoing::celery_result(to, body);
+    let msg = match Outgoing::celery_result(to, body, &session.shared.config.queues) {
+        Ok(msg) => msg,
+        Err(e) => {
+            tracing::warn!(task_id = %to.task_id, error = %e, "Celery result dropped");
+            return true;
+        }
+    };
     match session.publisher.publish(&msg).await {
         Ok(took) => {
             session
