@@ -467,3 +467,137 @@ impl Broker {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::FieldTable;
+
+    fn rabbit(version: &str) -> BrokerInfo {
+        let mut props = FieldTable::default();
+        props.insert("product".into(), long("RabbitMQ"));
+        props.insert("version".into(), long(version));
+        BrokerInfo::from_server_properties(&props)
+    }
+
+    fn spec(queue_type: QueueType) -> QueueSpec {
+        QueueSpec {
+            name: "jobs".to_string(),
+            queue_type,
+            delivery_limit: 20,
+        }
+    }
+
+    fn keys(args: &Args) -> Vec<&'static str> {
+        args.iter().map(|(k, _)| *k).collect()
+    }
+
+    fn value<'a>(args: &'a Args, key: &str) -> &'a AMQPValue {
+        &args.iter().find(|(k, _)| *k == key).unwrap().1
+    }
+
+    const LEGACY_QUORUM: [&str; 4] = [
+        "x-queue-type",
+        "x-delivery-limit",
+        "x-dead-letter-exchange",
+        "x-dead-letter-routing-key",
+    ];
+
+    #[test]
+    fn quorum_work_queues_dead_letter_at_least_once_where_supported() {
+        let none = DeclareOptions::default();
+        let sets = work_queue_arguments(&spec(QueueType::Quorum), &rabbit("3.10.8"), &none);
+        assert_eq!(sets.len(), 2);
+        let mut newest = LEGACY_QUORUM.to_vec();
+        newest.extend(["x-dead-letter-strategy", "x-overflow"]);
+        assert_eq!(keys(&sets[0]), newest);
+        assert_eq!(
+            value(&sets[0], "x-dead-letter-strategy"),
+            &long("at-least-once")
+        );
+        assert_eq!(value(&sets[0], "x-overflow"), &long("reject-publish"));
+        assert_eq!(
+            value(&sets[0], "x-dead-letter-routing-key"),
+            &long("jobs.dead")
+        );
+        // The last set is exactly what earlier versions declared.
+        assert_eq!(keys(&sets[1]), LEGACY_QUORUM);
+
+        let old = work_queue_arguments(&spec(QueueType::Quorum), &rabbit("3.9.29"), &none);
+        assert_eq!(old.len(), 1);
+        assert_eq!(keys(&old[0]), LEGACY_QUORUM);
+    }
+
+    #[test]
+    fn consumer_timeout_is_declared_only_where_supported() {
+        let opts = DeclareOptions {
+            consumer_timeout: Some(Duration::from_secs(3600)),
+        };
+        let classic = spec(QueueType::Classic);
+        let sets = work_queue_arguments(&classic, &rabbit("3.12.0"), &opts);
+        assert_eq!(sets.len(), 2);
+        assert_eq!(keys(&sets[0]), ["x-queue-type", CONSUMER_TIMEOUT]);
+        assert_eq!(
+            value(&sets[0], CONSUMER_TIMEOUT),
+            &AMQPValue::LongLongInt(3_600_000)
+        );
+        assert_eq!(keys(&sets[1]), ["x-queue-type"]);
+        assert_eq!(
+            work_queue_arguments(&classic, &rabbit("3.11.0"), &opts).len(),
+            1
+        );
+
+        // Quorum on 4.x: every combination, newest first, legacy last.
+        let sets = work_queue_arguments(&spec(QueueType::Quorum), &rabbit("4.0.1"), &opts);
+        assert_eq!(sets.len(), 4);
+        assert!(has(&sets[0], CONSUMER_TIMEOUT) && has(&sets[0], "x-dead-letter-strategy"));
+        assert!(!has(&sets[1], CONSUMER_TIMEOUT) && has(&sets[1], "x-dead-letter-strategy"));
+        assert!(has(&sets[2], CONSUMER_TIMEOUT) && !has(&sets[2], "x-dead-letter-strategy"));
+        assert_eq!(keys(&sets[3]), LEGACY_QUORUM);
+    }
+
+    #[test]
+    fn dead_queues_have_no_delivery_limit() {
+        let quorum = spec(QueueType::Quorum);
+        let v4 = dead_queue_arguments(&quorum, &rabbit("4.0.0"));
+        assert_eq!(keys(&v4[0]), ["x-queue-type", "x-delivery-limit"]);
+        assert_eq!(
+            value(&v4[0], "x-delivery-limit"),
+            &AMQPValue::LongLongInt(-1)
+        );
+        assert_eq!(keys(&v4[1]), ["x-queue-type"]);
+        // Before 4.0 quorum queues have no default limit: nothing to switch off.
+        let v3 = dead_queue_arguments(&quorum, &rabbit("3.13.7"));
+        assert_eq!(v3.len(), 1);
+        assert_eq!(keys(&v3[0]), ["x-queue-type"]);
+        let classic = dead_queue_arguments(&spec(QueueType::Classic), &rabbit("4.0.0"));
+        assert_eq!(classic.len(), 1);
+        assert_eq!(value(&classic[0], "x-queue-type"), &long("classic"));
+    }
+
+    #[test]
+    fn quorum_celery_queues_dead_letter_like_taskmill_queues() {
+        let none = DeclareOptions::default();
+        let sets = celery_queue_arguments(&spec(QueueType::Quorum), &rabbit("3.10.8"), &none);
+        assert_eq!(
+            keys(&sets[0]),
+            [
+                "x-queue-type",
+                "x-dead-letter-exchange",
+                "x-dead-letter-routing-key",
+                "x-dead-letter-strategy",
+                "x-overflow"
+            ]
+        );
+        assert_eq!(value(&sets[0], "x-dead-letter-exchange"), &long(EXCHANGE));
+        assert_eq!(
+            value(&sets[0], "x-dead-letter-routing-key"),
+            &long("jobs.dead")
+        );
+        // What kombu declares for a quorum queue.
+        assert_eq!(keys(&sets[1]), ["x-queue-type"]);
+        // A classic Celery queue stays exactly kombu's: no arguments.
+        let classic = celery_queue_arguments(&spec(QueueType::Classic), &rabbit("4.0.0"), &none);
+        assert_eq!(classic, vec![Vec::new()]);
+    }
+}

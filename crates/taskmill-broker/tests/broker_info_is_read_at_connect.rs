@@ -1,0 +1,42 @@
+//! `Broker::info` reports what the real broker says about itself, and the
+//! passive declare behind `queue_depth` names a missing queue.
+
+mod common;
+
+use taskmill_broker::{Broker, BrokerError};
+
+#[tokio::test]
+async fn the_broker_reports_its_version_and_capabilities() {
+    let broker = Broker::connect(&common::amqp_url(), &common::unique("info"))
+        .await
+        .unwrap();
+    let info = broker.info();
+    assert!(info.is_rabbitmq(), "{info:?}");
+    assert!(info.has_capability("publisher_confirms"), "{info:?}");
+    assert!(info.sends_connection_blocked(), "{info:?}");
+    // The same version rabbitmqctl reports.
+    let version = common::eval("rabbit:product_version().");
+    assert_eq!(format!("\"{}\"", info.version_text), version);
+    assert!(info.version >= (3, 8, 0), "{info:?}");
+    assert_eq!(
+        info.supports_per_queue_consumer_timeout(),
+        info.version >= (3, 12, 0)
+    );
+    broker.close().await;
+}
+
+#[tokio::test]
+async fn a_missing_queue_is_named() {
+    let broker = Broker::connect(&common::amqp_url(), &common::unique("missing"))
+        .await
+        .unwrap();
+    let queue = common::unique("no-such-queue");
+    let err = broker.queue_depth(&queue).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Closed(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("`{queue}` does not exist")),
+        "{err}"
+    );
+    broker.close().await;
+}
