@@ -162,10 +162,9 @@ impl Broker {
         // every version-gated feature off.
         let info = match uri.scheme {
             AMQPScheme::AMQP => {
-                let props =
-                    crate::handshake::server_properties(&uri.authority.host, uri.authority.port)
-                        .await
-                        .map_err(unreachable)?;
+                let props = crate::handshake::server_properties(&uri, name)
+                    .await
+                    .map_err(unreachable)?;
                 BrokerInfo::from_server_properties(&props)
             }
             AMQPScheme::AMQPS => BrokerInfo::default(),
