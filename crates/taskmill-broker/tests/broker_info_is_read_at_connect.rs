@@ -40,3 +40,25 @@ async fn a_missing_queue_is_named() {
     );
     broker.close().await;
 }
+
+#[tokio::test]
+async fn refused_credentials_fail_the_connect_in_time() {
+    let url = common::amqp_url().replacen("guest:guest", "guest:wrong-secret", 1);
+    if url == common::amqp_url() {
+        // TEST_AMQP_URL with other credentials: nothing to break here.
+        return;
+    }
+    let start = std::time::Instant::now();
+    let err = Broker::connect(&url, &common::unique("refused"))
+        .await
+        .unwrap_err();
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(matches!(err, BrokerError::Connect { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("cannot connect to the broker"), "{text}");
+    assert!(!text.contains("wrong-secret"), "password leaked: {text}");
+}
