@@ -1,108 +1,247 @@
-//! One AMQP connection.
+//! Connecting: [`Broker`], one connection to consume on and one to publish
+//! on (the same one unless [`ConnectOptions::separate_publish_connection`]),
+//! what the broker said about itself ([`BrokerInfo`]) and whether it blocks
+//! the publishing connection ([`Broker::blocked`]).
+//!
+//! A connect is bounded by [`ConnectOptions::handshake_timeout`] and safe to
+//! cancel (drop) at any point: see [`crate::handshake`] for how.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::options::{
     ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
+use lapin::protocol::AMQPSoftError;
 use lapin::types::FieldTable;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
 use taskmill_core::redact::redact_url;
+use tokio::sync::watch;
 
+use crate::broker_info::BrokerInfo;
+pub use crate::error::BrokerError;
+use crate::error::is_soft_error;
 use crate::publisher::Publisher;
 
-/// A broker operation that failed. Messages never contain credentials.
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    /// The connection could not be opened.
-    #[error("cannot connect to the broker at {url}: {source}")]
-    Connect {
-        /// The URL, password redacted.
-        url: String,
-        /// lapin's error.
-        source: lapin::Error,
-    },
-    /// A channel, consumer or connection was closed.
-    #[error("{0}")]
-    Closed(String),
-    /// An AMQP operation failed (channel or connection closed, refused declare...).
-    #[error("broker operation `{op}` failed: {source}")]
-    Op {
-        /// What was attempted.
-        op: String,
-        /// lapin's error.
-        source: lapin::Error,
-    },
+/// How [`Broker::connect_with`] connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// How long the whole connect may take, from the TCP connect to the
+    /// opened connection(s). A server that accepts and never answers gives
+    /// [`BrokerError::HandshakeTimeout`] after this. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// How long a publisher from this broker waits for a confirm before
+    /// [`crate::PublishError::ConfirmTimeout`]. Default 30 s.
+    pub confirm_timeout: Duration,
+    /// Publish on a second connection of its own, as RabbitMQ advises: when
+    /// the broker blocks a publishing connection (a memory or disk alarm) it
+    /// stops reading from it, so acks sent on it would stall too. Default
+    /// false (one connection, for tools and producers).
+    pub separate_publish_connection: bool,
 }
 
-impl BrokerError {
-    pub(crate) fn op(op: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
-        let op = op.into();
-        move |source| BrokerError::Op { op, source }
+/// [`ConnectOptions::handshake_timeout`]'s default.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// [`ConnectOptions::confirm_timeout`]'s default.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+            separate_publish_connection: false,
+        }
     }
 }
 
-/// An open connection to RabbitMQ.
+/// One lapin connection and its flow-control state.
+struct Link {
+    conn: Connection,
+    blocked: watch::Receiver<Option<String>>,
+}
+
+impl Link {
+    fn is_connected(&self) -> bool {
+        self.conn.status().connected()
+    }
+
+    async fn close(&self) {
+        if self.is_connected() {
+            let _ = self.conn.close(200, "shutdown".into()).await;
+        }
+    }
+}
+
+/// An open connection to RabbitMQ (or two: see
+/// [`ConnectOptions::separate_publish_connection`]). Cheap to clone.
 #[derive(Clone)]
 pub struct Broker {
-    conn: std::sync::Arc<Connection>,
+    /// Consumers, acks, declarations and tooling.
+    main: Arc<Link>,
+    /// Publishers; the same link as `main` unless separated.
+    publish: Arc<Link>,
+    info: Arc<BrokerInfo>,
+    confirm_timeout: Duration,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
             .field("connected", &self.is_connected())
+            .field(
+                "separate_publish_connection",
+                &self.has_publish_connection(),
+            )
+            .field("info", &self.info.to_string())
             .finish()
     }
 }
 
+/// Opens one lapin connection named `name`.
+async fn open_link(url: &str, name: &str) -> Result<Link, BrokerError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let conn = Connection::connect(url, props)
+        .await
+        .map_err(|source| BrokerError::Connect {
+            url: redact_url(url),
+            source,
+        })?;
+    let blocked = crate::flow::watch_blocked(&conn);
+    Ok(Link { conn, blocked })
+}
+
 impl Broker {
     /// Connects to `url` (`amqp://user:pass@host:port/vhost`), naming the
-    /// connection `name` in the management UI.
+    /// connection `name` in the management UI, with the default
+    /// [`ConnectOptions`] (one connection, 10 s handshake timeout).
     pub async fn connect(url: &str, name: &str) -> Result<Broker, BrokerError> {
-        let props = ConnectionProperties::default().with_connection_name(name.into());
-        let conn =
-            Connection::connect(url, props)
-                .await
-                .map_err(|source| BrokerError::Connect {
-                    url: redact_url(url),
-                    source,
-                })?;
+        Broker::connect_with(url, name, &ConnectOptions::default()).await
+    }
+
+    /// Connects to `url` as `options` say. With a separate publish
+    /// connection, it is named `"{name} publisher"`.
+    ///
+    /// Bounded by `options.handshake_timeout` and cancel-safe: the broker is
+    /// first reached by a probe this crate owns (a dropped connect closes its
+    /// socket), which also reads [`BrokerInfo`]; only then does lapin open the
+    /// connection(s). A lapin handshake cut off by the timeout or a cancel
+    /// after that point is closed by lapin when the broker answers.
+    pub async fn connect_with(
+        url: &str,
+        name: &str,
+        options: &ConnectOptions,
+    ) -> Result<Broker, BrokerError> {
+        let after = options.handshake_timeout;
+        match tokio::time::timeout(after, Broker::connect_unbounded(url, name, options)).await {
+            Ok(result) => result,
+            Err(_) => Err(BrokerError::HandshakeTimeout {
+                url: redact_url(url),
+                after,
+            }),
+        }
+    }
+
+    async fn connect_unbounded(
+        url: &str,
+        name: &str,
+        options: &ConnectOptions,
+    ) -> Result<Broker, BrokerError> {
+        let unreachable = |source| BrokerError::Unreachable {
+            url: redact_url(url),
+            source,
+        };
+        let uri: AMQPUri = url.parse().map_err(|_| {
+            unreachable(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a valid amqp:// URL",
+            ))
+        })?;
+        // TLS is lapin's to speak; over amqps the broker stays unprobed and
+        // every version-gated feature off.
+        let info = match uri.scheme {
+            AMQPScheme::AMQP => {
+                let props = crate::handshake::server_properties(&uri, name)
+                    .await
+                    .map_err(unreachable)?;
+                BrokerInfo::from_server_properties(&props)
+            }
+            AMQPScheme::AMQPS => BrokerInfo::default(),
+        };
+        let main = Arc::new(open_link(url, name).await?);
+        let publish = if options.separate_publish_connection {
+            match open_link(url, &format!("{name} publisher")).await {
+                Ok(link) => Arc::new(link),
+                Err(e) => {
+                    main.close().await;
+                    return Err(e);
+                }
+            }
+        } else {
+            main.clone()
+        };
         Ok(Broker {
-            conn: std::sync::Arc::new(conn),
+            main,
+            publish,
+            info: Arc::new(info),
+            confirm_timeout: options.confirm_timeout,
         })
     }
 
-    /// Whether the connection is open.
-    pub fn is_connected(&self) -> bool {
-        self.conn.status().connected()
+    /// What the broker said about itself at connect: product, version,
+    /// capabilities, and the features that follow.
+    pub fn info(&self) -> &BrokerInfo {
+        &self.info
     }
 
+    /// Whether publishing has a connection of its own.
+    pub fn has_publish_connection(&self) -> bool {
+        !Arc::ptr_eq(&self.main, &self.publish)
+    }
+
+    /// The publishing connection's flow state: `Some(reason)` while the
+    /// broker blocks it (`connection.blocked`, e.g. "low on memory"), `None`
+    /// otherwise. Publishes (and, on a shared connection, acks) wait while
+    /// blocked; a worker should report itself not ready meanwhile.
+    pub fn blocked(&self) -> watch::Receiver<Option<String>> {
+        self.publish.blocked.clone()
+    }
+
+    /// Whether the connection (both, when separate) is open.
+    pub fn is_connected(&self) -> bool {
+        self.main.is_connected() && self.publish.is_connected()
+    }
+
+    /// A channel on the main connection (consumers, declarations, tooling).
     pub(crate) async fn channel(&self) -> Result<lapin::Channel, BrokerError> {
-        self.conn
+        self.main
+            .conn
             .create_channel()
             .await
             .map_err(BrokerError::op("channel.open"))
     }
 
-    /// A new publisher on its own confirm-mode channel.
+    /// A new publisher on its own confirm-mode channel, on the publishing
+    /// connection, waiting at most [`ConnectOptions::confirm_timeout`] for
+    /// each confirm.
     pub async fn publisher(&self) -> Result<Publisher, BrokerError> {
-        Publisher::open(self.channel().await?).await
+        let channel = self
+            .publish
+            .conn
+            .create_channel()
+            .await
+            .map_err(BrokerError::op("channel.open"))?;
+        Ok(Publisher::open(channel)
+            .await?
+            .with_confirm_timeout(self.confirm_timeout))
     }
 
     /// Messages ready in `queue` (not counting unacknowledged ones), or an
     /// error if the queue does not exist.
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
         let ch = self.channel().await?;
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(BrokerError::op(format!("queue.declare passive {queue}")))?;
+        let q = declare_passive(&ch, queue).await?;
         let _ = ch.close(200, "bye".into()).await;
         Ok(q.message_count())
     }
@@ -153,12 +292,44 @@ impl Broker {
         Ok(())
     }
 
-    /// Closes the connection; unacknowledged deliveries return to their queues.
+    /// Closes the connection(s); unacknowledged deliveries return to their
+    /// queues. The publishing connection closes first, so confirms still
+    /// awaited fail before the consumers' channels go.
     pub async fn close(&self) {
-        if self.is_connected() {
-            let _ = self.conn.close(200, "shutdown".into()).await;
+        if self.has_publish_connection() {
+            self.publish.close().await;
         }
+        self.main.close().await;
     }
+}
+
+/// `queue.declare passive` of `queue` on `ch`: its counts, or an error if it
+/// does not exist. A missing queue is [`BrokerError::Closed`] saying so (the
+/// broker closed `ch` with NOT_FOUND); any other failure is
+/// [`BrokerError::Op`]. The one passive declare of the crate.
+pub(crate) async fn declare_passive(
+    ch: &lapin::Channel,
+    queue: &str,
+) -> Result<lapin::Queue, BrokerError> {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|source| {
+        if is_soft_error(&source, AMQPSoftError::NOTFOUND) {
+            BrokerError::Closed(format!("queue `{queue}` does not exist"))
+        } else {
+            BrokerError::Op {
+                op: format!("queue.declare passive {queue}"),
+                source,
+            }
+        }
+    })
 }
 
 /// A message taken with [`Broker::get`].

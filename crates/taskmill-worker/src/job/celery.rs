@@ -191,7 +191,15 @@ pub(super) async fn notify(session: &Session, to: &ReplyTo, notice: Notice) -> b
         notice.traceback.as_deref(),
         now_us(),
     );
-    let msg = Outgoing::celery_result(to, body);
+    // Results go only to a client's reply queue, never into a queue of the
+    // vhost that a forged `reply_to` names.
+    let msg = match Outgoing::celery_result(to, body, &session.shared.config.queues) {
+        Ok(msg) => msg,
+        Err(e) => {
+            tracing::warn!(task_id = %to.task_id, error = %e, "Celery result dropped");
+            return true;
+        }
+    };
     match session.publisher.publish(&msg).await {
         Ok(took) => {
             Confirmed { took }.emit(&session.shared);
