@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use taskmill_broker::{Broker, BrokerError, Consumer, QueueSpec};
+use taskmill_broker::{Broker, BrokerError, ConnectOptions, Consumer, QueueSpec};
 use taskmill_core::config::QueueSettings;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -168,8 +168,9 @@ async fn run_session(
     // up SIGTERM.
     let broker = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        b = Broker::connect(&shared.config.amqp_url, &name) => b.map_err(SessionError::Start)?,
+        b = Broker::connect_with(&shared.config.amqp_url, &name, &connect_options()) => b.map_err(SessionError::Start)?,
     };
+    tracing::info!(broker = %broker.info().version_text, "broker version");
     // The delay ladder first: work queues bind to its delivery exchange.
     broker.declare_delays().await.map_err(SessionError::Start)?;
     for q in &shared.config.queues {
@@ -202,6 +203,10 @@ async fn run_session(
         stop: stop.clone(),
         fault: std::sync::Mutex::new(None),
     });
+    // A broker that blocks our publishing connection (a memory or disk
+    // alarm) makes the worker not ready, with the broker's reason, until it
+    // unblocks; consumers and acks go on on their own connection.
+    tokio::spawn(watch_flow(broker.blocked(), shared.clone(), stop.clone()));
     let tracker = TaskTracker::new();
     let mut loops = JoinSet::new();
     for q in &shared.config.queues {
@@ -277,6 +282,38 @@ async fn run_session(
     }
     broker.close().await;
     Ok(())
+}
+
+/// How the worker connects: publishing on a connection of its own, as
+/// RabbitMQ advises, so a blocked publisher never stalls the acks.
+fn connect_options() -> ConnectOptions {
+    ConnectOptions {
+        separate_publish_connection: true,
+        ..ConnectOptions::default()
+    }
+}
+
+/// Mirrors the broker's `connection.blocked` into the `broker_flow`
+/// readiness check until the session ends.
+async fn watch_flow(
+    mut blocked: tokio::sync::watch::Receiver<Option<String>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let reason = blocked.borrow_and_update().clone();
+        if let Some(r) = &reason {
+            tracing::warn!(reason = %r, "the broker blocked publishing; not ready until it unblocks");
+        }
+        shared
+            .readiness
+            .fail_because("broker_flow", reason.map(|r| format!("broker blocked publishing: {r}")));
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = blocked.changed() => if changed.is_err() { break },
+        }
+    }
+    shared.readiness.set("broker_flow", true);
 }
 
 /// Consumes `settings.name` until `stop`; returns the consumer so its channel
