@@ -4,12 +4,11 @@
 //!
 //! Layout:
 //! - [`cli`]: argument parsing and config loading (file < env < flags).
-//! - [`kinds`]: built-in kinds (`noop`, `io.sleep`, `io.http_get`, `cpu.hash`,
-//!   `cpu.primes`) and the diagnostic kinds.
-//! - [`stats`]: percentiles for summaries.
-//! - [`commands`]: one module per subcommand.
+//! - [`kinds`]: the built-in kinds (`noop`, `io.sleep`, `io.http_get`,
+//!   `cpu.hash`, `cpu.primes`) and the diagnostic kinds, from `taskmill-kinds`.
+//! - [`commands`]: one module per subcommand; `bench` only turns its flags
+//!   into `taskmill_bench::Options`.
 
 pub mod cli;
 pub mod commands;
-pub mod kinds;
-pub mod stats;
+pub use taskmill_kinds as kinds;

@@ -2,6 +2,6 @@
 
 fn main() -> std::process::ExitCode {
     // A CPU worker process is this binary re-executed: serve jobs, then exit.
-    taskmill::kinds::run_cpu_child_if_requested();
+    taskmill_kinds::run_cpu_child_if_requested();
     taskmill::cli::main()
 }

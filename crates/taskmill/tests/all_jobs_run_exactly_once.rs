@@ -3,41 +3,19 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Deserialize;
 use taskmill_client::{Client, NewJob};
-use taskmill_worker::{CancellationToken, WorkerBuilder};
-
-#[derive(Deserialize)]
-struct Counted {
-    n: usize,
-}
+use taskmill_worker::WorkerBuilder;
 
 const JOBS: usize = 10_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_jobs_run_exactly_once() {
     let queue = common::unique_queue("once");
-    let counts = Arc::new(Mutex::new(vec![0u32; JOBS]));
-    let c = counts.clone();
-    let worker = WorkerBuilder::new(common::config(&queue))
-        .io("test.count", move |_ctx, p: Counted| {
-            let c = c.clone();
-            async move {
-                c.lock().unwrap()[p.n] += 1;
-                Ok(())
-            }
-        })
-        .build()
-        .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(
-        handle.wait_ready(Duration::from_secs(20)).await,
-        "worker not ready"
-    );
+    let (builder, counts) = common::counting(WorkerBuilder::new(common::config(&queue)), JOBS);
+    let worker = builder.build().unwrap();
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(20)).await;
 
     let client = Client::connect(&common::amqp_url()).await.unwrap();
     let ids = client

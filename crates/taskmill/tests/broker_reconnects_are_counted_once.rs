@@ -13,7 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use taskmill_worker::{CancellationToken, WorkerBuilder};
+use taskmill_worker::WorkerBuilder;
 
 fn rabbitmqctl(args: &[&str]) -> String {
     let out = std::process::Command::new("rabbitmqctl")
@@ -104,7 +104,7 @@ impl Drop for Tenant {
 async fn one_outage_is_one_reconnect() {
     let tenant = Tenant::create();
     let queue = common::unique_queue("reconn");
-    let data = common::TempDir::new("reconn");
+    let data = common::temp_dir("reconn");
     let mut config = common::config(&queue);
     config.amqp_url = tenant.url();
     config.data_dir = data.0.clone();
@@ -112,12 +112,7 @@ async fn one_outage_is_one_reconnect() {
         .io("noop", |_ctx, _p: serde_json::Value| async { Ok(()) })
         .build()
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(
-        handle.wait_ready(Duration::from_secs(30)).await,
-        "worker not ready"
-    );
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(30)).await;
     let reconnects = || async {
         let (_, m) = common::http_get(handle.http_addr, "/metrics")
             .await

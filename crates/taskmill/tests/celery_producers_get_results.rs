@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use taskmill_core::celery::CeleryCall;
 use taskmill_core::config::KindConfig;
 use taskmill_core::retry::Jitter;
-use taskmill_worker::{CancellationToken, JobContext, JobError, WorkerBuilder};
+use taskmill_worker::{JobContext, JobError, WorkerBuilder};
 
 fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("CELERY_PYTHON") {
@@ -129,9 +129,7 @@ async fn celery_client_gets_results_and_errors() {
         )
         .build()
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(20)).await;
 
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/celery_client.py");

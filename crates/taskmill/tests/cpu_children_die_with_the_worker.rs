@@ -4,7 +4,7 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -24,16 +24,10 @@ async fn spawn_worker(queue: &str) -> (tokio::process::Child, std::net::SocketAd
         .kill_on_drop(true)
         .spawn()
         .expect("spawn taskmill worker");
-    let until = Instant::now() + Duration::from_secs(30);
-    while common::http_get(addr, "/readyz")
-        .await
-        .map(|r| r.0)
-        .unwrap_or(0)
-        != 200
-    {
-        assert!(Instant::now() < until, "worker never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        taskmill_testkit::http::wait_ready(addr, Duration::from_secs(30)).await,
+        "worker never became ready"
+    );
     (child, addr)
 }
 

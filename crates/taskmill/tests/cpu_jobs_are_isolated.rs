@@ -7,16 +7,15 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use taskmill_client::{Client, NewJob};
 use taskmill_core::Outcome;
 use taskmill_core::config::{Config, KindConfig};
 use taskmill_core::wire::{H_DEAD_ERROR, H_DEAD_REASON};
-use taskmill_worker::{CancellationToken, JobReport, WorkerBuilder, WorkerHandle};
+use taskmill_worker::{CancellationToken, JobReport, WorkerHandle};
 
-type Reports = Arc<Mutex<Vec<(Instant, JobReport)>>>;
+use common::Reports;
 
 /// The tests count this process's children, so they run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -24,20 +23,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 async fn start(mut config: Config) -> (WorkerHandle, CancellationToken, Reports) {
     config.cpu_processes = 2;
     config.diagnostic_kinds = true;
-    let reports: Reports = Arc::default();
-    let r = reports.clone();
-    let worker = taskmill::kinds::register(WorkerBuilder::new(config), true)
-        .cpu_program(env!("CARGO_BIN_EXE_taskmill"))
-        .on_job_done(move |rep| r.lock().unwrap().push((Instant::now(), rep.clone())))
-        .build()
-        .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(
-        handle.wait_ready(Duration::from_secs(30)).await,
-        "worker not ready"
-    );
-    (handle, shutdown, reports)
+    common::start_recording(config, Duration::from_secs(30)).await
 }
 
 async fn metric(handle: &WorkerHandle, sample: &str) -> Option<f64> {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use taskmill_client::{Client, EnqueueError, NewJob};
-use taskmill_worker::{CancellationToken, JobContext, WorkerBuilder};
+use taskmill_worker::{JobContext, WorkerBuilder};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_jobs_run_when_due_and_not_before() {
@@ -29,9 +29,7 @@ async fn delayed_jobs_run_when_due_and_not_before() {
         )
         .build()
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(20)).await;
 
     let client = Client::connect(&common::amqp_url()).await.unwrap();
     let t0 = Instant::now();

@@ -19,7 +19,7 @@ use taskmill_core::wire::{
     EXCHANGE, H_ATTEMPT, H_DEAD_AT_MS, H_DEAD_ERROR, H_DEAD_QUEUE, H_DEAD_REASON, H_KIND, H_REPLAY,
     dead_queue_name,
 };
-use taskmill_worker::{CancellationToken, JobError, WorkerBuilder};
+use taskmill_worker::{JobError, WorkerBuilder};
 
 /// Runs `taskmill --amqp-url <test broker> <args>`, without the developer's
 /// TASKMILL_* settings.
@@ -108,9 +108,7 @@ async fn dead_letters_are_listed_shown_replayed_once_and_purged() {
         })
         .build()
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(20)).await;
     let broker = common::broker().await;
 
     // Half the jobs carry an idempotency key: their failure is recorded in the

@@ -5,17 +5,10 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Deserialize;
 use taskmill_client::{Client, NewJob};
-use taskmill_worker::{CancellationToken, WorkerBuilder};
-
-#[derive(Deserialize)]
-struct Counted {
-    n: usize,
-}
+use taskmill_worker::WorkerBuilder;
 
 const KEYS: usize = 500;
 const COPIES: usize = 3;
@@ -23,7 +16,7 @@ const COPIES: usize = 3;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_of_a_completed_key_are_skipped() {
     let queue = common::unique_queue("dups");
-    let data = common::TempDir::new("dups");
+    let data = common::temp_dir("dups");
     let mut config = common::config(&queue);
     config.data_dir = data.0.clone();
     // The copies of one key are published KEYS messages apart, more than the
@@ -34,24 +27,9 @@ async fn copies_of_a_completed_key_are_skipped() {
     config.concurrency = 50;
     assert!(usize::from(config.queue_settings(&queue).prefetch) < KEYS);
 
-    let counts = Arc::new(Mutex::new(vec![0u32; KEYS]));
-    let c = counts.clone();
-    let worker = WorkerBuilder::new(config)
-        .io("test.count", move |_ctx, p: Counted| {
-            let c = c.clone();
-            async move {
-                c.lock().unwrap()[p.n] += 1;
-                Ok(())
-            }
-        })
-        .build()
-        .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(
-        handle.wait_ready(Duration::from_secs(20)).await,
-        "worker not ready"
-    );
+    let (builder, counts) = common::counting(WorkerBuilder::new(config), KEYS);
+    let worker = builder.build().unwrap();
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(20)).await;
 
     let client = Client::connect(&common::amqp_url()).await.unwrap();
     let jobs = (0..COPIES).flat_map(|_| {

@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{PgDb, TempDir, WorkerProcess};
+use common::PgDb;
 use taskmill_client::{Client, NewJob};
 
 const KEYS: usize = 1_000;
@@ -28,7 +28,7 @@ async fn racing_copies_commit_their_effect_exactly_once() {
     let queue = common::unique_queue("race");
     let cpu_queue = format!("{queue}-cpu");
     let db = PgDb::create();
-    let tmp = TempDir::new("race");
+    let tmp = common::temp_dir("race");
     let env = |name: &str| {
         vec![
             ("TASKMILL_QUEUES", queue.clone()),
@@ -48,11 +48,11 @@ async fn racing_copies_commit_their_effect_exactly_once() {
         ]
     };
     let mut workers = vec![
-        WorkerProcess::spawn("race-a", &env("a"), &tmp.0),
-        WorkerProcess::spawn("race-b", &env("b"), &tmp.0),
+        common::spawn_worker("race-a", &env("a"), &tmp.0),
+        common::spawn_worker("race-b", &env("b"), &tmp.0),
     ];
     for w in &mut workers {
-        w.wait_ready(Duration::from_secs(60)).await;
+        w.wait_ready(Duration::from_secs(60)).await.unwrap();
     }
 
     // 3 copies of each key, shuffled (fixed-seed xorshift).
@@ -92,7 +92,7 @@ async fn racing_copies_commit_their_effect_exactly_once() {
     loop {
         totals = HashMap::new();
         for w in &workers {
-            let m = w.metrics().await;
+            let m = w.metrics().await.unwrap();
             for o in TERMINAL.iter().chain(&["retried", "deferred"]) {
                 *totals.entry(o).or_default() += series(&m, o);
             }
@@ -144,7 +144,7 @@ async fn racing_copies_commit_their_effect_exactly_once() {
     );
 
     for w in &mut workers {
-        let status = w.terminate(Duration::from_secs(30)).await;
+        let status = w.terminate(Duration::from_secs(30)).await.unwrap();
         assert!(status.success(), "{} exited with {status}", w.name);
         let log = std::fs::read_to_string(&w.log).unwrap_or_default();
         assert!(

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use taskmill_client::{Client, NewJob};
-use taskmill_worker::{CancellationToken, JobError, WorkerBuilder};
+use taskmill_worker::{JobError, WorkerBuilder};
 
 const PROMTOOL: &str = "/usr/bin/promtool";
 
@@ -60,12 +60,7 @@ async fn scraped_metrics_pass_promtool() {
         })
         .build()
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(
-        handle.wait_ready(Duration::from_secs(20)).await,
-        "worker not ready"
-    );
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(20)).await;
 
     let client = Client::connect(&common::amqp_url()).await.unwrap();
     let jobs = [false, false, false, true];

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use taskmill_client::{Client, NewJob};
-use taskmill_worker::{CancellationToken, WorkerBuilder};
+use taskmill_worker::WorkerBuilder;
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 const JOBS: usize = 25;
@@ -136,12 +136,7 @@ async fn prometheus_scrapes_the_job_count() {
         })
         .build()
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(
-        handle.wait_ready(Duration::from_secs(20)).await,
-        "worker not ready"
-    );
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(20)).await;
     let prom = Prometheus::start(handle.http_addr);
 
     let client = Client::connect(&common::amqp_url()).await.unwrap();

@@ -29,7 +29,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::{PgDb, TempDir, WorkerProcess};
+use common::PgDb;
 use taskmill_client::{Client, NewJob};
 
 const KEYS: usize = 20_000;
@@ -66,7 +66,7 @@ async fn run(transactional: bool) {
     });
     let cpu_queue = format!("{queue}-cpu");
     let db = PgDb::create();
-    let tmp = TempDir::new("kill");
+    let tmp = common::temp_dir("kill");
     let effects = tmp.join("effects.txt");
     let env = |data: &str| {
         vec![
@@ -82,8 +82,8 @@ async fn run(transactional: bool) {
             ("TASKMILL_CPU_PROCESSES", "1".to_string()),
         ]
     };
-    let mut a = WorkerProcess::spawn("kill-a", &env("a"), &tmp.0);
-    a.wait_ready(Duration::from_secs(60)).await;
+    let mut a = common::spawn_worker("kill-a", &env("a"), &tmp.0);
+    a.wait_ready(Duration::from_secs(60)).await.unwrap();
 
     // Publish in the background: consumption starts while publishing goes on.
     let client = Client::connect(&common::amqp_url()).await.unwrap();
@@ -116,7 +116,7 @@ async fn run(transactional: bool) {
         )
     };
     loop {
-        let m = a.metrics().await;
+        let m = a.metrics().await.unwrap();
         if ok_of(&m) >= KILL_AFTER {
             break;
         }
@@ -140,11 +140,11 @@ async fn run(transactional: bool) {
 
     // B and a restarted A finish the work.
     let mut rest = vec![
-        WorkerProcess::spawn("kill-b", &env("b"), &tmp.0),
-        WorkerProcess::spawn("kill-a2", &env("a2"), &tmp.0),
+        common::spawn_worker("kill-b", &env("b"), &tmp.0),
+        common::spawn_worker("kill-a2", &env("a2"), &tmp.0),
     ];
     for w in &mut rest {
-        w.wait_ready(Duration::from_secs(60)).await;
+        w.wait_ready(Duration::from_secs(60)).await.unwrap();
     }
     loop {
         let done = db.count("SELECT count(*) FROM taskmill_jobs WHERE state = 'completed'");
@@ -171,7 +171,7 @@ async fn run(transactional: bool) {
     loop {
         totals = HashMap::new();
         for w in &rest {
-            let m = w.metrics().await;
+            let m = w.metrics().await.unwrap();
             for o in ["ok", "duplicate", "deferred", "retried", "dead"] {
                 *totals.entry(o).or_default() += common::metric_sum(
                     &m,
@@ -202,7 +202,7 @@ async fn run(transactional: bool) {
         started.elapsed()
     );
     for w in &mut rest {
-        let status = w.terminate(Duration::from_secs(30)).await;
+        let status = w.terminate(Duration::from_secs(30)).await.unwrap();
         assert!(status.success(), "{} exited with {status}", w.name);
     }
     assert_eq!(

@@ -144,10 +144,10 @@ async fn one_trace_from_enqueue_to_retry() {
     // 2. The real worker, exporting to it (its CPU child inherits OTEL_*).
     let queue = common::unique_queue("trace");
     let cpu_queue = format!("{queue}-cpu");
-    let dir = common::TempDir::new("trace");
+    let dir = common::temp_dir("trace");
     let data_dir = dir.join("data");
     std::fs::create_dir_all(&data_dir).unwrap();
-    let mut worker = common::WorkerProcess::spawn(
+    let mut worker = common::spawn_worker(
         "trace-worker",
         &[
             ("TASKMILL_QUEUES", queue.clone()),
@@ -162,7 +162,7 @@ async fn one_trace_from_enqueue_to_retry() {
         ],
         &dir.0,
     );
-    worker.wait_ready(Duration::from_secs(30)).await;
+    worker.wait_ready(Duration::from_secs(30)).await.unwrap();
     let worker_pid = worker.pid();
 
     // 3. The producer: this process's own pipeline to the same collector,
@@ -195,7 +195,7 @@ async fn one_trace_from_enqueue_to_retry() {
     };
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let m = worker.metrics().await;
+        let m = worker.metrics().await.unwrap();
         let ok = common::metric_value(&m, &series("ok"));
         let retried = common::metric_value(&m, &series("retried"));
         if ok == Some(1.0) && retried == Some(1.0) {
@@ -208,7 +208,7 @@ async fn one_trace_from_enqueue_to_retry() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = worker.terminate(Duration::from_secs(20)).await;
+    let status = worker.terminate(Duration::from_secs(20)).await.unwrap();
     assert!(
         status.success(),
         "worker exit status {status}\n{}",

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use taskmill_worker::{CancellationToken, JobContext, WorkerBuilder};
+use taskmill_worker::{JobContext, WorkerBuilder};
 
 fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("PIKA_PYTHON") {
@@ -43,9 +43,7 @@ async fn pika_producer_job_runs() {
         )
         .build()
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(20)).await;
 
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/pika_publish.py");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use taskmill_broker::Outgoing;
 use taskmill_core::HeaderValue;
 use taskmill_core::wire::{EXCHANGE, H_ATTEMPT, H_DEAD_ERROR, H_DEAD_QUEUE, H_DEAD_REASON, H_KIND};
-use taskmill_worker::{CancellationToken, JobError, WorkerBuilder};
+use taskmill_worker::{JobError, WorkerBuilder};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_goes_to_dead_letter_with_reason() {
@@ -33,9 +33,7 @@ async fn poison_goes_to_dead_letter_with_reason() {
         })
         .build()
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(20)).await;
 
     let broker = common::broker().await;
     let publisher = broker.publisher().await.unwrap();

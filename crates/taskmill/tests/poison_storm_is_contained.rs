@@ -15,14 +15,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Deserialize;
 use taskmill_broker::Outgoing;
 use taskmill_core::HeaderValue;
 use taskmill_core::wire::{
     EXCHANGE, H_ATTEMPT, H_DEAD_ERROR, H_DEAD_QUEUE, H_DEAD_REASON, H_ENQUEUED_AT_US,
     H_FIRST_FAILED_AT_MS, H_IDEMPOTENCY_KEY, H_KIND, H_PROTOCOL, H_TIMEOUT_MS, H_TRACEPARENT,
 };
-use taskmill_worker::{CancellationToken, JobError, WorkerBuilder};
+use taskmill_worker::WorkerBuilder;
 
 const POISON: usize = 1_000;
 const VALID: usize = 200;
@@ -61,11 +60,6 @@ impl Rng {
             .map(|_| char::from(b'a' + self.below(26) as u8))
             .collect()
     }
-}
-
-#[derive(Deserialize)]
-struct Counted {
-    n: usize,
 }
 
 /// One message to publish, and for poison the reason it must die with.
@@ -291,35 +285,14 @@ fn valid(rng: &mut Rng, n: usize) -> Msg {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_storm_is_dead_lettered_and_valid_jobs_run_once() {
     let queue = common::unique_queue("storm");
-    let data = common::TempDir::new("storm");
+    let data = common::temp_dir("storm");
     let mut config = common::config(&queue);
     config.data_dir = data.0.clone();
     config.max_payload_bytes = MAX_PAYLOAD;
 
-    let counts = Arc::new(Mutex::new(vec![0u32; VALID]));
-    let c = counts.clone();
-    let worker = WorkerBuilder::new(config)
-        .io("test.count", move |_ctx, p: Counted| {
-            let c = c.clone();
-            async move {
-                let mut c = c.lock().unwrap();
-                match c.get_mut(p.n) {
-                    Some(slot) => {
-                        *slot += 1;
-                        Ok(())
-                    }
-                    None => Err(JobError::permanent(format!("n = {} out of range", p.n))),
-                }
-            }
-        })
-        .build()
-        .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(
-        handle.wait_ready(Duration::from_secs(20)).await,
-        "worker not ready"
-    );
+    let (builder, counts) = common::counting(WorkerBuilder::new(config), VALID);
+    let worker = builder.build().unwrap();
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(20)).await;
     let addr = handle.http_addr;
 
     // Watch /readyz for the whole storm.

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use taskmill_client::{Client, NewJob};
@@ -16,9 +15,9 @@ use taskmill_core::wire::{
     H_FIRST_FAILED_AT_MS,
 };
 use taskmill_core::{HeaderValue, Outcome};
-use taskmill_worker::{CancellationToken, JobReport, WorkerBuilder, WorkerHandle};
+use taskmill_worker::{CancellationToken, JobReport, WorkerHandle};
 
-type Reports = Arc<Mutex<Vec<(Instant, JobReport)>>>;
+use common::Reports;
 
 struct Running {
     queue: String,
@@ -35,7 +34,7 @@ struct Running {
 /// moment its report arrived.
 async fn start(test: &str, max_attempts: u32) -> Running {
     let queue = common::unique_queue(test);
-    let data = common::TempDir::new(test);
+    let data = common::temp_dir(test);
     let mut config = common::config(&queue);
     config.data_dir = data.0.clone();
     config.backoff_base_ms = 1_000;
@@ -49,19 +48,8 @@ async fn start(test: &str, max_attempts: u32) -> Running {
     config.cpu_queue = cpu_queue.clone();
     config.cpu_processes = 1;
     let worker_id = config.worker_id();
-    let reports: Reports = Arc::new(Mutex::new(Vec::new()));
-    let r = reports.clone();
-    let worker = taskmill::kinds::register(WorkerBuilder::new(config), true)
-        .cpu_program(env!("CARGO_BIN_EXE_taskmill"))
-        .on_job_done(move |rep| r.lock().unwrap().push((Instant::now(), rep.clone())))
-        .build()
-        .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(
-        handle.wait_ready(Duration::from_secs(30)).await,
-        "worker not ready"
-    );
+    let (handle, shutdown, reports) =
+        common::start_recording(config, Duration::from_secs(30)).await;
     Running {
         queue,
         cpu_queue,

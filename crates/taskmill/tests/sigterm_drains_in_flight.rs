@@ -42,16 +42,10 @@ async fn sigterm_finishes_in_flight_and_returns_the_rest() {
         .expect("spawn taskmill worker");
 
     // Ready means the queue is declared and consumed.
-    let until = Instant::now() + Duration::from_secs(30);
-    while common::http_get(addr, "/readyz")
-        .await
-        .map(|r| r.0)
-        .unwrap_or(0)
-        != 200
-    {
-        assert!(Instant::now() < until, "worker process never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        taskmill_testkit::http::wait_ready(addr, Duration::from_secs(30)).await,
+        "worker process never became ready"
+    );
     let client = Client::connect(&common::amqp_url()).await.unwrap();
     for _ in 0..3 {
         client

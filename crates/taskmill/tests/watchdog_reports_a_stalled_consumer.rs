@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use taskmill_client::{Client, NewJob};
-use taskmill_worker::{CancellationToken, WorkerBuilder};
+use taskmill_worker::WorkerBuilder;
 
 /// Suspends or resumes, inside the broker, the channel of the consumer `tag`.
 fn channel(action: &str, tag: &str) -> String {
@@ -52,9 +52,7 @@ async fn stalled_consumer_turns_readiness_false_until_it_recovers() {
         })
         .build()
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let handle = worker.start(shutdown.clone()).await.unwrap();
-    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    let (handle, shutdown) = common::start(worker, Duration::from_secs(20)).await;
 
     let suspended = channel("suspend", &tag);
     assert!(

@@ -13,7 +13,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{PgDb, TempDir, WorkerProcess};
+use common::PgDb;
 use taskmill_client::{Client, NewJob};
 
 const JOBS: usize = 3_000;
@@ -48,7 +48,7 @@ async fn worker_reconnects_after_broker_restart_and_loses_nothing() {
     let queue = common::unique_queue("restart");
     let cpu_queue = format!("{queue}-cpu");
     let db = PgDb::create();
-    let tmp = TempDir::new("restart");
+    let tmp = common::temp_dir("restart");
     let env = vec![
         ("TASKMILL_QUEUES", queue.clone()),
         ("TASKMILL_STORE_URL", db.url()),
@@ -61,8 +61,8 @@ async fn worker_reconnects_after_broker_restart_and_loses_nothing() {
         ("TASKMILL_CPU_QUEUE", cpu_queue.clone()),
         ("TASKMILL_CPU_PROCESSES", "1".to_string()),
     ];
-    let mut w = WorkerProcess::spawn("restart", &env, &tmp.0);
-    w.wait_ready(Duration::from_secs(60)).await;
+    let mut w = common::spawn_worker("restart", &env, &tmp.0);
+    w.wait_ready(Duration::from_secs(60)).await.unwrap();
 
     // Everything is published (and confirmed) before the restart: the
     // producer is not under test here.
@@ -102,7 +102,7 @@ async fn worker_reconnects_after_broker_restart_and_loses_nothing() {
         )
     };
     loop {
-        let m = w.metrics().await;
+        let m = w.metrics().await.unwrap();
         if ok_of(&m) >= 200.0 {
             break;
         }
@@ -159,7 +159,7 @@ async fn worker_reconnects_after_broker_restart_and_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(w.is_running(), "the worker process died");
-    let m = w.metrics().await;
+    let m = w.metrics().await.unwrap();
     let reconnects = common::metric_value(&m, "taskmill_broker_reconnects_total").unwrap_or(0.0);
     assert!(
         reconnects >= 1.0,
@@ -169,7 +169,7 @@ async fn worker_reconnects_after_broker_restart_and_loses_nothing() {
     // Every job completes; each message reaches a terminal outcome.
     let b = common::broker().await;
     let totals = loop {
-        let m = w.metrics().await;
+        let m = w.metrics().await.unwrap();
         let sum = |o: &str| {
             common::metric_sum(
                 &m,
@@ -223,7 +223,7 @@ async fn worker_reconnects_after_broker_restart_and_loses_nothing() {
     );
     assert_eq!(db.count("SELECT count(*) FROM taskmill_jobs"), JOBS as i64);
 
-    let status = w.terminate(Duration::from_secs(30)).await;
+    let status = w.terminate(Duration::from_secs(30)).await.unwrap();
     assert!(status.success(), "worker exited with {status}");
     assert_eq!(
         common::settled_depth(&b, &queue, Duration::from_secs(10)).await,

@@ -11,7 +11,7 @@ use taskmill_client::{Client, NewJob};
 use taskmill_core::config::Config;
 use taskmill_worker::{CancellationToken, JobReport, WorkerBuilder};
 
-use crate::stats::{ms, quantile};
+use taskmill_bench::stats::{ms, quantile};
 
 /// Arguments of `taskmill demo`.
 #[derive(Debug, Args)]

@@ -15,11 +15,12 @@ use taskmill_broker::ceiling::Ceiling;
 use taskmill_client::Client;
 use taskmill_core::config::Config;
 
-use super::harness::{
+use crate::error::ensure;
+use crate::harness::{
     Bench, CEILING_WINDOW, Drained, InProcessWorker, Tally, cpu_time, cpu_us_per, deadline_for,
     drain, enqueue, json_payload, per_second,
 };
-use super::report::{Row, ScenarioReport, Target, pct};
+use crate::report::{Row, ScenarioReport, Target, pct};
 
 /// Payload of a noop job, in bytes.
 pub(crate) const PAYLOAD_BYTES: usize = 1024;
@@ -41,7 +42,7 @@ struct Rates {
 /// Runs the scenario with `jobs` jobs, `rounds` times (the sides alternate
 /// which goes first; the best round of each counts); remembers the drain rate
 /// in `b`.
-pub(crate) async fn run(b: &Bench, jobs: u64, rounds: u32) -> anyhow::Result<ScenarioReport> {
+pub(crate) async fn run(b: &Bench, jobs: u64, rounds: u32) -> crate::Result<ScenarioReport> {
     let payload = json_payload(PAYLOAD_BYTES);
     let concurrency = b.config.concurrency;
     let deadline = deadline_for(jobs);
@@ -109,7 +110,7 @@ pub(crate) async fn run(b: &Bench, jobs: u64, rounds: u32) -> anyhow::Result<Sce
     }
     ceiling.delete().await;
     client.close().await;
-    anyhow::ensure!(drained == jobs, "{drained} of {jobs} jobs drained");
+    ensure!(drained == jobs, "{drained} of {jobs} jobs drained");
 
     let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let least = |v: &[f64]| v.iter().copied().fold(f64::MAX, f64::min);
@@ -185,7 +186,7 @@ struct Side<'a> {
 impl Side<'_> {
     /// Ceiling publish then consume rates; their CPU per message goes to
     /// `cpu`.
-    async fn ceiling_publish_drain(&self, n: u64, cpu: &mut Rates) -> anyhow::Result<(f64, f64)> {
+    async fn ceiling_publish_drain(&self, n: u64, cpu: &mut Rates) -> crate::Result<(f64, f64)> {
         let before = cpu_time();
         let p = self
             .ceiling
@@ -204,10 +205,7 @@ impl Side<'_> {
 
     /// taskmill: `enqueue_many` with no worker running, then a worker
     /// drains. Returns the publish time and its CPU, and the drain.
-    async fn taskmill_publish_drain(
-        &self,
-        n: u64,
-    ) -> anyhow::Result<(Duration, Duration, Drained)> {
+    async fn taskmill_publish_drain(&self, n: u64) -> crate::Result<(Duration, Duration, Drained)> {
         let before = cpu_time();
         let p = enqueue(self.client, self.queue, "noop", self.payload, n).await?;
         let cpu = cpu_time().saturating_sub(before);
@@ -216,7 +214,7 @@ impl Side<'_> {
     }
 
     /// Ceiling: consumer up, then publish; first publish to last ack.
-    async fn ceiling_overlapped(&self, n: u64) -> anyhow::Result<f64> {
+    async fn ceiling_overlapped(&self, n: u64) -> crate::Result<f64> {
         let p = self
             .ceiling
             .round_trip(
@@ -232,7 +230,7 @@ impl Side<'_> {
 
     /// taskmill: worker up, then `enqueue_many`; first publish to last ack.
     /// Returns the rate and the jobs not `ok`.
-    async fn taskmill_overlapped(&self, n: u64) -> anyhow::Result<(f64, u64)> {
+    async fn taskmill_overlapped(&self, n: u64) -> crate::Result<(f64, u64)> {
         let worker = InProcessWorker::start(self.config.clone(), Tally::default()).await?;
         let start = Instant::now();
         let published = enqueue(self.client, self.queue, "noop", self.payload, n).await;
@@ -249,7 +247,7 @@ impl Side<'_> {
 
 /// The noop drain rate: the one measured earlier in this run, or a quick
 /// measurement of `jobs` jobs (publish, then drain) now.
-pub(crate) async fn drain_rate(b: &Bench, jobs: u64) -> anyhow::Result<f64> {
+pub(crate) async fn drain_rate(b: &Bench, jobs: u64) -> crate::Result<f64> {
     if let Some(r) = b.known_noop_rate() {
         return Ok(r);
     }
@@ -266,7 +264,7 @@ pub(crate) async fn drain_rate(b: &Bench, jobs: u64) -> anyhow::Result<f64> {
     let d = drain(config, jobs).await?;
     client.close().await;
     let rate = d.per_second();
-    anyhow::ensure!(rate > 0.0, "the noop drain could not be timed");
+    ensure!(rate > 0.0, "the noop drain could not be timed");
     b.set_noop_rate(rate);
     Ok(rate)
 }

@@ -8,10 +8,11 @@
 
 use serde_json::{Value, json};
 
-use super::harness::{
+use crate::error::ensure;
+use crate::harness::{
     Bench, CEILING_WINDOW, deadline_for, drain, enqueue, json_payload, per_second,
 };
-use super::report::{Row, ScenarioReport, pct};
+use crate::report::{Row, ScenarioReport, pct};
 
 /// 64 KiB.
 pub(crate) const KIB_64: usize = 64 * 1024;
@@ -28,7 +29,7 @@ pub(crate) async fn run(
     jobs_64k: u64,
     jobs_1m: u64,
     rounds: u32,
-) -> anyhow::Result<ScenarioReport> {
+) -> crate::Result<ScenarioReport> {
     let mut rows = Vec::new();
     let mut sizes = Vec::new();
     for (label, size, jobs) in [("64 KiB", KIB_64, jobs_64k), ("1 MiB", MIB_1, jobs_1m)] {
@@ -49,7 +50,7 @@ async fn one_size(
     size: usize,
     jobs: u64,
     rounds: u32,
-) -> anyhow::Result<(Vec<Row>, Value)> {
+) -> crate::Result<(Vec<Row>, Value)> {
     let payload = json_payload(size);
     let role = format!("{}k", size / 1024);
     let queue = b.queue("payload", &role);
@@ -117,9 +118,9 @@ async fn taskmill_side(
     config: &taskmill_core::config::Config,
     payload: &[u8],
     jobs: u64,
-) -> anyhow::Result<(f64, super::harness::Drained)> {
+) -> crate::Result<(f64, crate::harness::Drained)> {
     let took = enqueue(client, queue, "noop", payload, jobs).await?;
     let d = drain(config.clone(), jobs).await?;
-    anyhow::ensure!(d.jobs == jobs, "{} of {jobs} jobs drained", d.jobs);
+    ensure!(d.jobs == jobs, "{} of {jobs} jobs drained", d.jobs);
     Ok((per_second(jobs, took), d))
 }

@@ -25,19 +25,20 @@
 //! worker's CPU processes) when a side ends, on error and on Ctrl-C.
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::Pid;
 use serde::Serialize;
 use serde_json::json;
+use taskmill_testkit::TempDir;
+use taskmill_testkit::http::{free_local_addr, get as http_get};
+use taskmill_testkit::metrics::samples;
+use taskmill_testkit::process::{ProcessGroup, log_tail};
 use tokio::io::AsyncReadExt;
 
-use super::harness::{Bench, deadline_for, per_second};
-use super::report::{Row, ScenarioReport};
-use super::rss::{free_local_addr, http_get, samples};
+use crate::error::{Context, bail, ensure};
+use crate::harness::{Bench, deadline_for, per_second};
+use crate::report::{Row, ScenarioReport};
 
 /// Tasks by default.
 pub(crate) const DEFAULT_TASKS: u64 = 20_000;
@@ -94,7 +95,7 @@ pub(crate) async fn run(
     tasks: u64,
     rounds: u32,
     python: Option<&Path>,
-) -> anyhow::Result<ScenarioReport> {
+) -> crate::Result<ScenarioReport> {
     let py = Python::find(python).await?;
     let store = Store::of(b);
     eprintln!(
@@ -180,10 +181,10 @@ async fn measure(
     side: Side,
     n: u64,
     round: u32,
-) -> anyhow::Result<Measured> {
+) -> crate::Result<Measured> {
     let role = format!("{}-r{round}", side.name());
     let queue = b.celery_queue(&role);
-    let dir = TempDir::create(&format!("taskmill-bench-celery-{}-{role}", b.run_id))?;
+    let dir = TempDir::new(&format!("bench-celery-{}-{role}", b.run_id))?;
 
     let send_s = py.publish(&b.config.amqp_url, &queue, n, &dir.0).await?;
     wait_depth(b, &queue, n, deadline_for(n))
@@ -207,17 +208,17 @@ async fn measure(
             (ok, not_ok) = (Some(o), Some(x));
         }
         let unacked = wait_all_acked(&queue).await?;
-        Ok::<_, anyhow::Error>((drain, ok, not_ok, unacked))
+        Ok::<_, crate::Error>((drain, ok, not_ok, unacked))
     }
     .await;
-    let stopped = worker.stop().await;
+    let stopped = worker.stop("the worker", STOP_GRACE).await;
     let (drain, taskmill_ok, taskmill_not_ok, unacked_after) =
-        checked.with_context(|| format!("worker log, last lines:\n{}", tail(&log)))?;
+        checked.with_context(|| format!("worker log, last lines:\n{}", log_tail(&log, 20)))?;
     stopped?;
     // The worker's connection is closed, so an unacked delivery would be
     // ready again.
     let left = b.admin.queue_depth(&queue).await?;
-    anyhow::ensure!(
+    ensure!(
         left == 0,
         "{left} messages back in {queue} after the worker stopped"
     );
@@ -234,14 +235,14 @@ async fn measure(
 }
 
 /// Polls until `queue` holds `n` ready messages.
-async fn wait_depth(b: &Bench, queue: &str, n: u64, deadline: Duration) -> anyhow::Result<()> {
+async fn wait_depth(b: &Bench, queue: &str, n: u64, deadline: Duration) -> crate::Result<()> {
     let until = Instant::now() + deadline;
     loop {
         let depth = u64::from(b.admin.queue_depth(queue).await?);
         if depth == n {
             return Ok(());
         }
-        anyhow::ensure!(
+        ensure!(
             Instant::now() < until,
             "{queue} holds {depth} of {n} messages after {deadline:?}"
         );
@@ -254,8 +255,8 @@ async fn time_drain(
     b: &Bench,
     queue: &str,
     n: u64,
-    worker: &mut Group,
-) -> anyhow::Result<Duration> {
+    worker: &mut ProcessGroup,
+) -> crate::Result<Duration> {
     let mut until = Instant::now() + START_DEADLINE;
     let mut start: Option<Instant> = None;
     loop {
@@ -269,9 +270,9 @@ async fn time_drain(
             return Ok(now.saturating_duration_since(start.unwrap_or(now)));
         }
         if let Some(status) = worker.child.try_wait()? {
-            anyhow::bail!("the worker exited with {status} with {depth} tasks left in {queue}");
+            bail!("the worker exited with {status} with {depth} tasks left in {queue}");
         }
-        anyhow::ensure!(
+        ensure!(
             now < until,
             "{}: {depth} of {n} tasks left in {queue}",
             if start.is_none() {
@@ -290,18 +291,18 @@ async fn wait_counted(
     addr: std::net::SocketAddr,
     queue: &str,
     n: u64,
-) -> anyhow::Result<(u64, u64)> {
+) -> crate::Result<(u64, u64)> {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let (ok, not_ok) = match http_get(addr, "/metrics").await {
             Ok((200, text)) => jobs_total(&text, queue),
             _ => (0, 0),
         };
-        anyhow::ensure!(not_ok == 0, "{not_ok} tasks did not end `ok`");
+        ensure!(not_ok == 0, "{not_ok} tasks did not end `ok`");
         if ok >= n {
             return Ok((ok, not_ok));
         }
-        anyhow::ensure!(
+        ensure!(
             Instant::now() < until,
             "/metrics counts {ok} of {n} tasks ok after 30 s"
         );
@@ -325,7 +326,7 @@ fn jobs_total(metrics: &str, queue: &str) -> (u64, u64) {
 /// Waits until `rabbitmqctl` shows `queue` with nothing ready or unacked;
 /// returns the unacked count then (0), or `None` without a usable
 /// `rabbitmqctl`.
-async fn wait_all_acked(queue: &str) -> anyhow::Result<Option<u64>> {
+async fn wait_all_acked(queue: &str) -> crate::Result<Option<u64>> {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let Some(counts) = rabbitmqctl_counts(queue).await else {
@@ -334,7 +335,7 @@ async fn wait_all_acked(queue: &str) -> anyhow::Result<Option<u64>> {
         if counts == (0, 0) {
             return Ok(Some(0));
         }
-        anyhow::ensure!(
+        ensure!(
             Instant::now() < until,
             "rabbitmqctl: {queue} still has {} ready and {} unacked after 30 s",
             counts.0,
@@ -381,10 +382,9 @@ fn spawn_taskmill(
     queue: &str,
     dir: &Path,
     log: &Path,
-) -> anyhow::Result<(Group, std::net::SocketAddr)> {
+) -> crate::Result<(ProcessGroup, std::net::SocketAddr)> {
     let addr = free_local_addr()?;
-    let exe = std::env::current_exe().context("locating the taskmill binary")?;
-    let mut cmd = tokio::process::Command::new(exe);
+    let mut cmd = tokio::process::Command::new(&b.worker_exe);
     cmd.args(["worker", "--celery-queue", queue]);
     // Default settings: none of this shell's TASKMILL_* (nor its config file).
     for (k, _) in std::env::vars_os() {
@@ -408,7 +408,7 @@ fn spawn_taskmill(
     if let Some(url) = &b.configured_store_url {
         cmd.env("TASKMILL_STORE_URL", url);
     }
-    let group = Group::spawn(cmd, log, "taskmill worker")?;
+    let group = ProcessGroup::spawn(cmd, log).context("starting taskmill worker")?;
     Ok((group, addr))
 }
 
@@ -423,7 +423,7 @@ impl Python {
     /// The interpreter: `--python`, else `$TASKMILL_BENCH_PYTHON`, else
     /// `.venv/bin/python` in the current dir, else `python3`; checks that it
     /// imports celery.
-    async fn find(flag: Option<&Path>) -> anyhow::Result<Python> {
+    async fn find(flag: Option<&Path>) -> crate::Result<Python> {
         let from_env = std::env::var_os(PYTHON_ENV).filter(|v| !v.is_empty());
         let venv = Path::new(".venv/bin/python");
         let interpreter = match (flag, from_env) {
@@ -458,7 +458,7 @@ impl Python {
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             let last = err.lines().last().unwrap_or_default();
-            anyhow::bail!(
+            bail!(
                 "{} cannot import celery ({last}): {hint}",
                 interpreter.display()
             );
@@ -486,11 +486,12 @@ impl Python {
         queue: &str,
         n: u64,
         dir: &Path,
-    ) -> anyhow::Result<Duration> {
+    ) -> crate::Result<Duration> {
         let mut cmd = self.command(amqp_url);
         cmd.args(["publish", "--queue", queue, "--n", &n.to_string()]);
         let log = dir.join("publish.log");
-        let mut g = Group::spawn_piped(cmd, &log, "the Python publisher")?;
+        let mut g =
+            ProcessGroup::spawn_piped(cmd, &log).context("starting the Python publisher")?;
         let mut stdout = g.child.stdout.take().context("no stdout")?;
         let run = async {
             let mut out = String::new();
@@ -502,10 +503,10 @@ impl Python {
             .await
             .context("the Python publisher timed out")??;
         g.disarm();
-        anyhow::ensure!(
+        ensure!(
             status.success(),
             "the Python publisher failed with {status}:\n{}",
-            tail(&log)
+            log_tail(&log, 20)
         );
         let line = out.lines().last().unwrap_or_default();
         let v: serde_json::Value = serde_json::from_str(line)
@@ -517,10 +518,10 @@ impl Python {
     }
 
     /// Starts the comparison's `celery worker` on `queue`.
-    fn worker(&self, amqp_url: &str, queue: &str, log: &Path) -> anyhow::Result<Group> {
+    fn worker(&self, amqp_url: &str, queue: &str, log: &Path) -> crate::Result<ProcessGroup> {
         let mut cmd = self.command(amqp_url);
         cmd.args(["worker", "--queue", queue]);
-        Group::spawn(cmd, log, "celery worker")
+        ProcessGroup::spawn(cmd, log).context("starting celery worker")
     }
 }
 
@@ -556,107 +557,6 @@ impl Store {
             }
         }
     }
-}
-
-/// A child process leading its own process group. The whole group is killed
-/// when it is stopped or dropped (on error, or when Ctrl-C drops the run), so
-/// no grandchild (Celery's pool, the worker's CPU processes) outlives it.
-struct Group {
-    child: tokio::process::Child,
-    pgid: Option<Pid>,
-}
-
-impl Group {
-    /// Spawns `cmd` with stdout and stderr to `log`.
-    fn spawn(mut cmd: tokio::process::Command, log: &Path, what: &str) -> anyhow::Result<Group> {
-        let out = std::fs::File::create(log)?;
-        cmd.stdout(out.try_clone()?);
-        cmd.stderr(out);
-        Group::start(cmd, what)
-    }
-
-    /// Spawns `cmd` with stdout piped and stderr to `log`.
-    fn spawn_piped(
-        mut cmd: tokio::process::Command,
-        log: &Path,
-        what: &str,
-    ) -> anyhow::Result<Group> {
-        cmd.stdout(Stdio::piped());
-        cmd.stderr(std::fs::File::create(log)?);
-        Group::start(cmd, what)
-    }
-
-    fn start(mut cmd: tokio::process::Command, what: &str) -> anyhow::Result<Group> {
-        cmd.stdin(Stdio::null()).process_group(0).kill_on_drop(true);
-        let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-        let pgid = child
-            .id()
-            .and_then(|p| i32::try_from(p).ok())
-            .map(Pid::from_raw);
-        Ok(Group { child, pgid })
-    }
-
-    /// The leader exited and was reaped: kills what is left of its group.
-    fn disarm(&mut self) {
-        if let Some(pg) = self.pgid.take() {
-            let _ = killpg(pg, Signal::SIGKILL);
-        }
-    }
-
-    /// SIGTERM to the leader (both workers then finish what they hold and
-    /// exit), SIGKILL to the group after [`STOP_GRACE`] or once the leader
-    /// is gone.
-    async fn stop(mut self) -> anyhow::Result<ExitStatus> {
-        if let Some(pid) = self.pgid {
-            let _ = kill(pid, Signal::SIGTERM);
-        }
-        let status = tokio::time::timeout(STOP_GRACE, self.child.wait()).await;
-        self.disarm();
-        match status {
-            Ok(s) => Ok(s?),
-            Err(_) => {
-                let _ = self.child.wait().await;
-                anyhow::bail!("the worker did not stop within {STOP_GRACE:?} of SIGTERM; killed")
-            }
-        }
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        self.disarm();
-    }
-}
-
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn create(name: &str) -> anyhow::Result<TempDir> {
-        let p = std::env::temp_dir().join(name);
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-        Ok(TempDir(p))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The last 20 lines of a log file, each cut at 300 characters.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<String> = text
-        .lines()
-        .map(|l| match l.char_indices().nth(300) {
-            Some((i, _)) => format!("{}...", &l[..i]),
-            None => l.to_string(),
-        })
-        .collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 #[cfg(test)]

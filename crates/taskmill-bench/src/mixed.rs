@@ -23,11 +23,12 @@ use taskmill_broker::{Broker, Publisher};
 use taskmill_core::Outcome;
 use taskmill_core::config::Config;
 
-use super::harness::{Bench, InProcessWorker, Tally, enqueue};
-use super::latency::{ms, open_loop, summary};
-use super::report::{Row, ScenarioReport, Target, millis};
-use super::{cpu, io};
+use crate::error::ensure;
+use crate::harness::{Bench, InProcessWorker, Tally, enqueue};
+use crate::latency::{ms, open_loop, summary};
+use crate::report::{Row, ScenarioReport, Target, millis};
 use crate::stats::quantile;
+use crate::{cpu, io};
 
 /// IO jobs per phase by default.
 pub(crate) const DEFAULT_JOBS: u64 = 5_000;
@@ -106,7 +107,7 @@ struct Setup<'a> {
 
 /// Runs the scenario: `io_jobs` IO jobs per phase, `rounds` rounds of an
 /// idle and a saturated phase (the lowest p99 of each side counts).
-pub(crate) async fn run(b: &Bench, io_jobs: u64, rounds: u32) -> anyhow::Result<ScenarioReport> {
+pub(crate) async fn run(b: &Bench, io_jobs: u64, rounds: u32) -> crate::Result<ScenarioReport> {
     let chain = cpu::calibrate(CPU_JOB_TIME).await?;
     let processes = match b.config.cpu_processes {
         0 => taskmill_cpu::available_cores(),
@@ -158,7 +159,7 @@ pub(crate) async fn run(b: &Bench, io_jobs: u64, rounds: u32) -> anyhow::Result<
                 phases.push(setup.phase(io_jobs, saturated).await?);
             }
         }
-        Ok::<_, anyhow::Error>(phases)
+        Ok::<_, crate::Error>(phases)
     }
     .await;
     setup.client.close().await;
@@ -230,7 +231,7 @@ impl Setup<'_> {
     /// One phase: with `saturated`, queue the CPU work first; start the
     /// worker, stream `io_jobs` IO jobs, wait for all of them, stop the
     /// worker and purge what is left of the CPU work.
-    async fn phase(&self, io_jobs: u64, saturated: bool) -> anyhow::Result<Phase> {
+    async fn phase(&self, io_jobs: u64, saturated: bool) -> crate::Result<Phase> {
         if saturated {
             enqueue(
                 &self.client,
@@ -259,14 +260,14 @@ impl Setup<'_> {
             let deadline = Duration::from_secs(60);
             let until = Instant::now() + deadline;
             while tally.finished_of("io.sleep") < sent {
-                anyhow::ensure!(
+                ensure!(
                     Instant::now() < until,
                     "only {} of {sent} io jobs finished within {deadline:?} of the last publish",
                     tally.finished_of("io.sleep")
                 );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Ok::<_, anyhow::Error>((start, lag, sent))
+            Ok::<_, crate::Error>((start, lag, sent))
         }
         .await;
         worker.stop().await?;
@@ -293,7 +294,7 @@ impl Setup<'_> {
         queue_waits.sort_unstable();
         let mut run_times: Vec<Duration> = io().map(|r| r.run_time).collect();
         run_times.sort_unstable();
-        anyhow::ensure!(
+        ensure!(
             latencies.len() as u64 == sent,
             "{} of {sent} io jobs reported an enqueue time",
             latencies.len()

@@ -3,11 +3,11 @@
 //! ceiling, and reading the process's memory.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use taskmill_broker::ceiling::Ceiling;
 use taskmill_broker::{Broker, QueueSpec};
 use taskmill_client::{Client, NewJob};
@@ -15,6 +15,8 @@ use taskmill_core::Outcome;
 use taskmill_core::config::{Config, QueueType};
 use taskmill_core::wire::dead_queue_name;
 use taskmill_worker::{CancellationToken, JobReport, WorkerBuilder, WorkerHandle};
+
+use crate::error::{Context, ensure};
 
 /// Confirms the ceiling keeps outstanding, the same window as the client's
 /// `enqueue_many`.
@@ -45,11 +47,18 @@ pub(crate) struct Bench {
     exchanges: Mutex<Vec<String>>,
     /// Queues of the whole run (the CPU queue), deleted by [`Bench::finish`].
     run_queues: Vec<String>,
+    /// The program run as `<worker_exe> worker` by the scenarios that need
+    /// a worker process of its own.
+    pub(crate) worker_exe: PathBuf,
 }
 
 impl Bench {
     /// Connects the admin channel; `config.queue_type` is set to `queue_type`.
-    pub(crate) async fn new(mut config: Config, queue_type: QueueType) -> anyhow::Result<Bench> {
+    pub(crate) async fn new(
+        mut config: Config,
+        queue_type: QueueType,
+        worker_exe: PathBuf,
+    ) -> crate::Result<Bench> {
         config.queue_type = queue_type;
         config.http_addr = "127.0.0.1:0".parse().expect("valid address");
         config.shutdown_grace_ms = 5_000;
@@ -68,6 +77,7 @@ impl Bench {
             queues: Mutex::new(Vec::new()),
             exchanges: Mutex::new(Vec::new()),
             run_queues: Vec::new(),
+            worker_exe,
         };
         // The built-in CPU kinds make every worker consume the CPU queue too:
         // give it one of this run's queues, never a shared one. Every
@@ -110,7 +120,7 @@ impl Bench {
 
     /// Declares a taskmill work queue (and its dead-letter queue) the way a
     /// worker would, so jobs can be published before any worker runs.
-    pub(crate) async fn declare(&self, queue: &str) -> anyhow::Result<()> {
+    pub(crate) async fn declare(&self, queue: &str) -> crate::Result<()> {
         // A work queue is bound to the delay ladder's delivery exchange: on a
         // broker no worker has used yet, declare the ladder first, as a
         // worker does at start-up (idempotent).
@@ -160,14 +170,14 @@ impl Bench {
     }
 
     /// A producer connection that accepts payloads up to `max_payload`.
-    pub(crate) async fn client(&self, max_payload: usize) -> anyhow::Result<Client> {
+    pub(crate) async fn client(&self, max_payload: usize) -> crate::Result<Client> {
         Ok(Client::connect(&self.config.amqp_url)
             .await?
             .with_max_payload_bytes(max_payload))
     }
 
     /// A ceiling connection and queue of this run's queue type.
-    pub(crate) async fn ceiling(&self, scenario: &str) -> anyhow::Result<Ceiling> {
+    pub(crate) async fn ceiling(&self, scenario: &str) -> crate::Result<Ceiling> {
         let q = self.queue(scenario, "ceiling");
         Ok(Ceiling::open(&self.config.amqp_url, &q, self.queue_type).await?)
     }
@@ -326,10 +336,10 @@ impl Tally {
     }
 
     /// Waits until `n` jobs finished; fails after `deadline`.
-    pub(crate) async fn wait_for(&self, n: u64, deadline: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait_for(&self, n: u64, deadline: Duration) -> crate::Result<()> {
         let until = Instant::now() + deadline;
         while self.done() < n {
-            anyhow::ensure!(
+            ensure!(
                 Instant::now() < until,
                 "only {} of {n} jobs finished within {deadline:?}",
                 self.done()
@@ -370,19 +380,17 @@ pub(crate) struct InProcessWorker {
 impl InProcessWorker {
     /// Starts a worker with `config` and waits until it consumes. The
     /// diagnostic kinds are registered when `config.diagnostic_kinds` is on.
-    pub(crate) async fn start(config: Config, tally: Tally) -> anyhow::Result<InProcessWorker> {
+    pub(crate) async fn start(config: Config, tally: Tally) -> crate::Result<InProcessWorker> {
         let tally = Arc::new(tally);
         let t = tally.clone();
         let diagnostic = config.diagnostic_kinds;
-        let worker = crate::kinds::register(WorkerBuilder::new(config), diagnostic)
+        let worker = taskmill_kinds::register(WorkerBuilder::new(config), diagnostic)
             .on_job_done(move |r| t.observe(r))
             .build()?;
-        let shutdown = CancellationToken::new();
-        let handle = worker.start(shutdown.clone()).await?;
-        anyhow::ensure!(
-            handle.wait_ready(Duration::from_secs(30)).await,
-            "the bench worker did not become ready within 30 s"
-        );
+        let (handle, shutdown) =
+            taskmill_testkit::start_in_process(worker, Duration::from_secs(30))
+                .await
+                .context("starting the bench worker")?;
         Ok(InProcessWorker {
             handle,
             shutdown,
@@ -391,7 +399,7 @@ impl InProcessWorker {
     }
 
     /// Stops the worker and waits for its drain.
-    pub(crate) async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> crate::Result<()> {
         self.shutdown.cancel();
         self.handle.wait().await?;
         Ok(())
@@ -406,29 +414,26 @@ pub(crate) async fn enqueue(
     kind: &str,
     payload: &[u8],
     n: u64,
-) -> anyhow::Result<Duration> {
+) -> crate::Result<Duration> {
     let start = Instant::now();
     let ids = client
         .enqueue_many((0..n).map(|_| NewJob::raw(kind, payload.to_vec()).queue(queue)))
         .await
         .with_context(|| format!("enqueueing {n} {kind} jobs to {queue}"))?;
     let took = start.elapsed();
-    anyhow::ensure!(ids.len() as u64 == n, "{} of {n} jobs enqueued", ids.len());
+    ensure!(ids.len() as u64 == n, "{} of {n} jobs enqueued", ids.len());
     Ok(took)
 }
 
 /// Publishes `jobs` through the client's `enqueue_many`; returns their ids
 /// in order.
-pub(crate) async fn enqueue_jobs(
-    client: &Client,
-    jobs: Vec<NewJob>,
-) -> anyhow::Result<Vec<String>> {
+pub(crate) async fn enqueue_jobs(client: &Client, jobs: Vec<NewJob>) -> crate::Result<Vec<String>> {
     let n = jobs.len();
     let ids = client
         .enqueue_many(jobs)
         .await
         .with_context(|| format!("enqueueing {n} jobs"))?;
-    anyhow::ensure!(ids.len() == n, "{} of {n} jobs enqueued", ids.len());
+    ensure!(ids.len() == n, "{} of {n} jobs enqueued", ids.len());
     Ok(ids)
 }
 
@@ -478,7 +483,7 @@ impl Drained {
 }
 
 /// Starts a worker on a queue already holding `n` jobs and times the drain.
-pub(crate) async fn drain(config: Config, n: u64) -> anyhow::Result<Drained> {
+pub(crate) async fn drain(config: Config, n: u64) -> crate::Result<Drained> {
     let cpu_before = cpu_time();
     let worker = InProcessWorker::start(config, Tally::default()).await?;
     let waited = worker.tally.wait_for(n, deadline_for(n)).await;

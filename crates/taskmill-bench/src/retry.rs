@@ -26,9 +26,10 @@ use taskmill_core::Outcome;
 use taskmill_core::config::Config;
 use taskmill_core::retry::Jitter;
 
-use super::harness::{Bench, InProcessWorker, Tally, deadline_for, enqueue_jobs, per_second};
-use super::noop;
-use super::report::{Row, ScenarioReport, Target, pct};
+use crate::error::ensure;
+use crate::harness::{Bench, InProcessWorker, Tally, deadline_for, enqueue_jobs, per_second};
+use crate::noop;
+use crate::report::{Row, ScenarioReport, Target, pct};
 
 /// Jobs by default (issue #7).
 pub(crate) const DEFAULT_JOBS: u64 = 20_000;
@@ -51,7 +52,7 @@ struct Tier {
 
 /// Runs the scenario with `jobs` jobs per tier, `rounds` times (the best
 /// round of each tier counts; the tiers alternate which goes first).
-pub(crate) async fn run(b: &Bench, jobs: u64, rounds: u32) -> anyhow::Result<ScenarioReport> {
+pub(crate) async fn run(b: &Bench, jobs: u64, rounds: u32) -> crate::Result<ScenarioReport> {
     let noop_rate = noop::drain_rate(b, jobs.max(2_000)).await?;
     let mut tiers = Vec::new();
     for backoff in TIERS {
@@ -194,7 +195,7 @@ async fn checked_drain(
     config: Config,
     ids: &[String],
     backoff: Duration,
-) -> anyhow::Result<Checked> {
+) -> crate::Result<Checked> {
     let n = ids.len() as u64;
     let worker = InProcessWorker::start(config, Tally::keeping_jobs()).await?;
     let deadline = deadline_for(n + n.div_ceil(FAIL_EVERY)) + backoff;
@@ -204,10 +205,10 @@ async fn checked_drain(
             break Ok(());
         }
         if Instant::now() >= until {
-            break Err(anyhow::anyhow!(
+            break Err(crate::Error::Failed(format!(
                 "only {} of {n} jobs succeeded within {deadline:?}",
                 worker.tally.distinct_ok()
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
@@ -251,11 +252,11 @@ async fn checked_drain(
         misretried += u64::from(retried != expected);
         other += others;
     }
-    anyhow::ensure!(
+    ensure!(
         missing == 0,
         "{missing} of {n} jobs never succeeded (each must succeed exactly once)"
     );
-    anyhow::ensure!(
+    ensure!(
         misretried == 0 && other == 0,
         "{misretried} jobs were not retried exactly as planned (once if failing, else never), \
          {other} attempts ended neither ok nor retried"

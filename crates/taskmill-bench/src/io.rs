@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::harness::{Bench, CEILING_WINDOW, deadline_for, drain, enqueue, mb};
-use super::report::{Row, ScenarioReport, Target};
-use super::{noop, rss};
+use crate::error::ensure;
+use crate::harness::{Bench, CEILING_WINDOW, deadline_for, drain, enqueue, mb};
+use crate::report::{Row, ScenarioReport, Target};
+use crate::{noop, rss};
 
 /// Jobs by default.
 pub(crate) const DEFAULT_JOBS: u64 = 20_000;
@@ -32,7 +33,7 @@ pub(crate) async fn run(
     jobs: u64,
     rounds: u32,
     in_flight: u16,
-) -> anyhow::Result<ScenarioReport> {
+) -> crate::Result<ScenarioReport> {
     let noop_rate = noop::drain_rate(b, jobs.max(2_000)).await?;
     let payload = format!("{{\"ms\": {}}}", SLEEP.as_millis()).into_bytes();
     let queue = b.queue("io", "jobs");
@@ -63,7 +64,7 @@ pub(crate) async fn run(
         eprintln!("io: round {} of {rounds}", round + 1);
         t_pub = t_pub.min(enqueue(&client, &queue, "io.sleep", &payload, jobs).await?);
         let d = drain(config.clone(), jobs).await?;
-        anyhow::ensure!(d.jobs == jobs, "{} of {jobs} io jobs drained", d.jobs);
+        ensure!(d.jobs == jobs, "{} of {jobs} io jobs drained", d.jobs);
         not_ok += d.not_ok;
         drains.push(d.elapsed.as_secs_f64());
     }
@@ -121,7 +122,7 @@ pub(crate) async fn run(
         "bound_s": bound_s,
         "drain_vs_ideal": drain_s / ideal_s,
         "drain_vs_bound": drain_s / bound_s,
-        "taskmill_publish_jobs_per_s": super::harness::per_second(jobs, t_pub),
+        "taskmill_publish_jobs_per_s": crate::harness::per_second(jobs, t_pub),
         "ceiling_publish_jobs_per_s": c_pub.per_second(),
         "ceiling_consume_s": c_con.elapsed.as_secs_f64(),
         "worker_memory": mem,

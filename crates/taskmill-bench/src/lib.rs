@@ -1,5 +1,6 @@
-//! `taskmill bench`: throughput, latency and memory against the raw broker
-//! ceiling, measured in the same run.
+//! `taskmill bench` as a library: throughput, latency and memory against the
+//! raw broker ceiling, measured in the same run. The binary parses the flags
+//! into [`Options`] and calls [`run`].
 //!
 //! Every scenario uses fresh queues with unique names (deleted at the end,
 //! also on error or Ctrl-C), warms up, then measures. Each figure is shown
@@ -8,6 +9,8 @@
 //! ratio holds on a noisy machine. See `docs/benchmarks.md`.
 //!
 //! Layout:
+//! - [`error`]: the bench's [`Error`].
+//! - [`stats`]: percentiles for summaries.
 //! - [`harness`]: queues, the in-process worker and its tally, timed enqueues,
 //!   memory readings.
 //! - one file per scenario: [`noop`], [`io`], [`cpu`], [`mixed`],
@@ -21,6 +24,7 @@
 
 mod celery;
 mod cpu;
+pub mod error;
 mod harness;
 mod io;
 mod latency;
@@ -30,15 +34,18 @@ mod payload;
 mod report;
 mod retry;
 mod rss;
+pub mod stats;
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Args, ValueEnum};
+use clap::ValueEnum;
 use serde_json::{Value, json};
 use taskmill_core::config::{Config, QueueType};
 
+pub use error::{Error, Result};
+
+use error::ensure;
 use harness::{Bench, Memory};
 use report::ScenarioReport;
 
@@ -92,50 +99,37 @@ impl Scenario {
     }
 }
 
-/// Arguments of `taskmill bench`.
-#[derive(Debug, Args)]
-pub struct BenchArgs {
+/// What to run, and how big: `taskmill bench`'s flags (see its `--help`
+/// for the defaults of `jobs`).
+#[derive(Debug, Clone)]
+pub struct Options {
     /// Scenario to run.
-    #[arg(value_enum)]
     pub scenario: Scenario,
-    /// Jobs: noop 200 000, io 20 000, cpu 300 (of ~10 ms per pool size; the
-    /// ~1 ms runs get ten times as many), mixed 5 000 IO per phase (the CPU
-    /// work is sized to fill the pool meanwhile), retry 20 000 per backoff
-    /// tier, payload 2 000 (64 KiB; 1 MiB gets a tenth), celery 20 000
-    /// tasks per side and round. With `all`, the noop count; io, retry and
-    /// celery get a tenth of it, mixed a fortieth, cpu and payload a
-    /// hundredth (1 MiB a thousandth).
-    #[arg(long)]
+    /// Jobs of the scenario; `None`: the scenario's default.
     pub jobs: Option<u64>,
     /// Type of every queue the run declares, taskmill's and the ceiling's.
-    #[arg(long, default_value = "quorum")]
     pub queue_type: QueueType,
     /// Print one JSON object per scenario on stdout (the table goes to stderr).
-    #[arg(long)]
     pub json: bool,
     /// latency: one fixed rate in jobs/s instead of 10/50/80 % of the noop
     /// drain rate.
-    #[arg(long)]
     pub rate: Option<f64>,
     /// latency: seconds of load per rate.
-    #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
-    /// Measurement rounds of noop, io, cpu, mixed, retry, payload and celery;
-    /// the sides alternate which goes first and the best round of each side
-    /// counts (noise only ever slows a run down).
-    #[arg(long, default_value_t = 3)]
+    /// Measurement rounds; the best round of each side counts.
     pub rounds: u32,
     /// io: jobs held in flight at once when the worker's memory is read.
-    #[arg(long, default_value_t = 10_000)]
     pub in_flight: u16,
-    /// celery: the Python interpreter that has Celery (also
-    /// TASKMILL_BENCH_PYTHON; default `.venv/bin/python` in the current
-    /// directory, then `python3`).
-    #[arg(long, value_name = "PATH")]
+    /// celery: the Python interpreter that has Celery (`None`:
+    /// `TASKMILL_BENCH_PYTHON`, then `.venv/bin/python`, then `python3`).
     pub python: Option<PathBuf>,
+    /// The program whose `worker` subcommand is `taskmill worker`, for the
+    /// scenarios that run a worker as a child process (`io`'s memory probe,
+    /// `celery`).
+    pub worker_exe: PathBuf,
 }
 
-impl BenchArgs {
+impl Options {
     fn jobs_for(&self, s: Scenario, all: bool) -> (u64, u64) {
         match (s, all, self.jobs) {
             (Scenario::Noop, _, j) => (j.unwrap_or(noop::DEFAULT_JOBS), 0),
@@ -160,16 +154,21 @@ impl BenchArgs {
     }
 }
 
-/// Runs the scenario(s), prints the results; fails if a scenario failed.
-pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.jobs != Some(0), "--jobs must be at least 1");
-    anyhow::ensure!(args.in_flight > 0, "--in-flight must be at least 1");
-    anyhow::ensure!(
+/// Runs the scenario(s) against the broker of `config`, prints the results;
+/// fails if a scenario failed.
+///
+/// The running program must serve as a CPU worker process when re-executed
+/// in child mode (call [`taskmill_kinds::run_cpu_child_if_requested`] first
+/// thing in `main`): the in-process workers' CPU pools start it.
+pub async fn run(config: Config, args: Options) -> Result<()> {
+    ensure!(args.jobs != Some(0), "--jobs must be at least 1");
+    ensure!(args.in_flight > 0, "--in-flight must be at least 1");
+    ensure!(
         (1..=100).contains(&args.rounds),
         "--rounds must be in 1..=100"
     );
     let broker = taskmill_core::redact::redact_url(&config.amqp_url);
-    let b = Bench::new(config, args.queue_type).await?;
+    let b = Bench::new(config, args.queue_type, args.worker_exe.clone()).await?;
     let all = args.scenario == Scenario::All;
     let list = if all {
         vec![
@@ -192,7 +191,8 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<ExitCode> {
             let started = Instant::now();
             let result = run_one(&b, s, &args, all).await;
             b.cleanup().await;
-            let mut report = result.map_err(|e| e.context(format!("scenario {}", s.name())))?;
+            let mut report =
+                result.map_err(|e| e.context(format_args!("scenario {}", s.name())))?;
             let mut obj = json!({
                 "scenario": s.name(),
                 "queue_type": args.queue_type.as_str(),
@@ -211,11 +211,11 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
             reports.push(report);
         }
-        Ok::<(), anyhow::Error>(())
+        Ok::<(), crate::Error>(())
     };
     let outcome = tokio::select! {
         r = work => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = tokio::signal::ctrl_c() => Err(crate::Error::Failed("interrupted".to_string())),
     };
     // Again, for a run cut short by Ctrl-C; and the run's CPU queue.
     b.finish().await;
@@ -230,16 +230,15 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         print!("{table}");
     }
-    outcome?;
-    Ok(ExitCode::SUCCESS)
+    outcome
 }
 
 async fn run_one(
     b: &Bench,
     s: Scenario,
-    args: &BenchArgs,
+    args: &Options,
     all: bool,
-) -> anyhow::Result<ScenarioReport> {
+) -> crate::Result<ScenarioReport> {
     let (n, m) = args.jobs_for(s, all);
     match s {
         Scenario::Noop => noop::run(b, n, args.rounds).await,

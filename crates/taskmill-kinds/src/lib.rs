@@ -1,4 +1,12 @@
-//! Built-in job kinds, so a fresh worker is useful and testable:
+//! taskmill's built-in job kinds, so a fresh worker is useful and testable.
+//! The `taskmill` binary serves them, the bench runs its scenarios on them,
+//! and a custom worker binary can add them beside its own with [`register`].
+//!
+//! Layout: this one file; [`register`] adds the kinds to a `WorkerBuilder`,
+//! [`run_cpu_child_if_requested`] serves them in a CPU worker process (call
+//! it first thing in `main`), [`hash_chain`] and [`count_primes`] are the CPU
+//! kinds' work.
+//!
 //!
 //! | kind | payload | does |
 //! | --- | --- | --- |

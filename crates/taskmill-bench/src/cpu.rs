@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use taskmill_cpu::{CpuPool, PoolConfig, measure_handoff};
+use taskmill_kinds::hash_chain;
 
-use super::harness::{Bench, Drained, drain, enqueue};
-use super::report::{Row, ScenarioReport, Target};
-use crate::kinds::hash_chain;
+use crate::error::{Context, ensure};
+use crate::harness::{Bench, Drained, drain, enqueue};
+use crate::report::{Row, ScenarioReport, Target};
 use crate::stats::quantile;
 
 /// Jobs of the 10 ms size per pool size by default (the 1 ms size runs ten
@@ -79,7 +80,7 @@ impl Run {
 /// Runs the scenario: `jobs` 10 ms jobs and `10 × jobs` 1 ms jobs per pool
 /// size, `rounds` times (the best round of each run counts), then the
 /// hand-off round trip.
-pub(crate) async fn run(b: &Bench, jobs: u64, rounds: u32) -> anyhow::Result<ScenarioReport> {
+pub(crate) async fn run(b: &Bench, jobs: u64, rounds: u32) -> crate::Result<ScenarioReport> {
     let cores = taskmill_cpu::available_cores();
     let n = match b.config.cpu_processes {
         0 => cores,
@@ -125,7 +126,7 @@ pub(crate) async fn run(b: &Bench, jobs: u64, rounds: u32) -> anyhow::Result<Sce
                 raw_best = raw_best.min(compute(raw_jobs, chain, processes).await?.as_secs_f64());
                 enqueue(&client, &queue, "cpu.hash", &payload, count).await?;
                 let d = drain(config.clone(), count).await?;
-                anyhow::ensure!(d.jobs == count, "{} of {count} cpu jobs drained", d.jobs);
+                ensure!(d.jobs == count, "{} of {count} cpu jobs drained", d.jobs);
                 not_ok += d.not_ok;
                 if best.as_ref().is_none_or(|prev| d.elapsed < prev.elapsed) {
                     best = Some(d);
@@ -247,7 +248,7 @@ fn us(d: Duration) -> f64 {
 
 /// Sorted hand-off round trips of a one-process pool of this binary (its
 /// `main` serves as a CPU child when the pool starts it).
-async fn handoff() -> anyhow::Result<Vec<Duration>> {
+async fn handoff() -> crate::Result<Vec<Duration>> {
     let pool = CpuPool::start(PoolConfig::for_current_exe(1)).await?;
     let measured = async {
         measure_handoff(&pool, HANDOFF_WARM_UP).await?;
@@ -261,7 +262,7 @@ async fn handoff() -> anyhow::Result<Vec<Duration>> {
 }
 
 /// The chain length that takes about `job_time` on this machine.
-pub(crate) async fn calibrate(job_time: Duration) -> anyhow::Result<u64> {
+pub(crate) async fn calibrate(job_time: Duration) -> crate::Result<u64> {
     tokio::task::spawn_blocking(move || {
         let probe = 20_000u64;
         let mut best = Duration::MAX;
@@ -274,12 +275,12 @@ pub(crate) async fn calibrate(job_time: Duration) -> anyhow::Result<u64> {
         ((job_time.as_secs_f64() / per_round) as u64).max(100)
     })
     .await
-    .map_err(|e| anyhow::anyhow!("calibration failed: {e}"))
+    .context("calibration failed")
 }
 
 /// Computes `jobs` chains of `chain` rounds on `threads` threads; returns
 /// how long it took.
-async fn compute(jobs: u64, chain: u64, threads: usize) -> anyhow::Result<Duration> {
+async fn compute(jobs: u64, chain: u64, threads: usize) -> crate::Result<Duration> {
     tokio::task::spawn_blocking(move || {
         let next = std::sync::atomic::AtomicU64::new(0);
         let start = Instant::now();
@@ -295,5 +296,5 @@ async fn compute(jobs: u64, chain: u64, threads: usize) -> anyhow::Result<Durati
         start.elapsed()
     })
     .await
-    .map_err(|e| anyhow::anyhow!("compute failed: {e}"))
+    .context("compute failed")
 }

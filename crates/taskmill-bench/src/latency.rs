@@ -15,9 +15,10 @@ use serde_json::{Value, json};
 use taskmill_broker::{Broker, Outgoing, PendingConfirm, Publisher};
 use taskmill_core::Envelope;
 
-use super::harness::{Bench, InProcessWorker, Tally, json_payload};
-use super::noop;
-use super::report::{Row, ScenarioReport, Target, millis};
+use crate::error::ensure;
+use crate::harness::{Bench, InProcessWorker, Tally, json_payload};
+use crate::noop;
+use crate::report::{Row, ScenarioReport, Target, millis};
 use crate::stats::quantile;
 
 /// Fractions of the noop drain rate tried by default.
@@ -41,14 +42,14 @@ pub(crate) async fn run(
     rate: Option<f64>,
     seconds: f64,
     rate_jobs: u64,
-) -> anyhow::Result<ScenarioReport> {
-    anyhow::ensure!(
+) -> crate::Result<ScenarioReport> {
+    ensure!(
         seconds > 0.0 && seconds <= 600.0,
         "--seconds must be in (0, 600]"
     );
     let levels: Vec<Level> = match rate {
         Some(r) => {
-            anyhow::ensure!(r > 0.0, "--rate must be positive");
+            ensure!(r > 0.0, "--rate must be positive");
             vec![Level {
                 label: format!("{r:.0}/s"),
                 fraction: None,
@@ -187,7 +188,7 @@ pub(crate) async fn run(
             }));
         }
         not_ok += worker.tally.not_ok();
-        Ok::<_, anyhow::Error>((rows, levels_json, not_ok))
+        Ok::<_, crate::Error>((rows, levels_json, not_ok))
     }
     .await;
     ceiling.delete().await;
@@ -233,7 +234,7 @@ pub(crate) async fn open_loop(
     rate: f64,
     duration: Duration,
     max_payload_bytes: usize,
-) -> anyhow::Result<(u64, Vec<Duration>)> {
+) -> crate::Result<(u64, Vec<Duration>)> {
     let total = (rate * duration.as_secs_f64()).round() as u64;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PendingConfirm>();
     let confirming = tokio::spawn(async move {
