@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::dialect::{Arg, Dialect, sql};
 use crate::registry::{Heartbeat, HeartbeatReply, WorkerInfo, WorkerRecord};
-use crate::{Claim, ClaimToken, JobState, Record, StoreError};
+use crate::{Claim, ClaimToken, JobState, MAX_PARKED_MESSAGE, Parked, Record, StoreError};
 
 /// Rows deleted per statement by `purge_older_than`, so that a large purge never holds the
 /// SQLite write lock (or PostgreSQL row locks) for long.
@@ -104,6 +104,23 @@ pub(crate) fn check_worker(w: &WorkerInfo) -> Result<(), StoreError> {
         .try_for_each(|q| check_text("queue name", q))
 }
 
+/// Refuses a parked copy the store will not keep: a queue name it cannot store, or a
+/// message over [`MAX_PARKED_MESSAGE`] (a row that large would stall every SQLite writer and
+/// bloat the sweeper's reads). Permanent, like every [`StoreError::InvalidInput`].
+pub(crate) fn check_parked(parked: &Parked) -> Result<(), StoreError> {
+    check_text("parked queue name", &parked.queue)?;
+    if parked.message.len() > MAX_PARKED_MESSAGE {
+        return Err(StoreError::InvalidInput {
+            what: "parked message",
+            reason: format!(
+                "is {} bytes, more than the {MAX_PARKED_MESSAGE} bytes the store keeps",
+                parked.message.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn token_args(token: &ClaimToken) -> Vec<Arg> {
     vec![
         token.key.as_str().into(),
@@ -183,7 +200,7 @@ pub(crate) async fn fenced_on<D: Dialect>(
     op: &'static str,
     statement: &'static str,
     token: &ClaimToken,
-    extra: Option<Arg>,
+    extra: Vec<Arg>,
 ) -> Result<(), StoreError> {
     let mut args = token_args(token);
     args.extend(extra);
@@ -205,7 +222,7 @@ pub(crate) async fn complete_on<D: Dialect>(
     result_json: &str,
 ) -> Result<(), StoreError> {
     let result = Arg::Text(result_json.to_owned());
-    fenced_on::<D>(conn, "complete", D::COMPLETE, token, Some(result)).await
+    fenced_on::<D>(conn, "complete", D::COMPLETE, token, vec![result]).await
 }
 
 /// Whether the token still holds its claim (and, on PostgreSQL, locks the row).
@@ -267,6 +284,42 @@ pub(crate) async fn heartbeat_on<D: Dialect>(
         .collect();
     tracing::debug!(worker = %w.id, extended = extended.len(), lost = lost.len(), "heartbeat");
     Ok(HeartbeatReply { lost })
+}
+
+/// Takes over at most `limit` parked claims whose holder is gone, in one statement (which
+/// is what keeps two sweepers from taking the same row: PostgreSQL skips rows another
+/// sweeper has locked, SQLite runs one writer at a time).
+pub(crate) async fn take_orphans_on<D: Dialect>(
+    conn: &mut D::Connection,
+    owner: &str,
+    lease_ms: i64,
+    limit: u32,
+) -> Result<Vec<(ClaimToken, Parked)>, StoreError> {
+    let db = StoreError::db("take_orphans");
+    let args = vec![owner.into(), lease_ms.into(), i64::from(limit).into()];
+    let rows = D::fetch_all(conn, sql(D::TAKE_ORPHANS), args)
+        .await
+        .map_err(db)?;
+    let taken = rows
+        .iter()
+        .map(|row| {
+            let token = ClaimToken {
+                key: D::text(row, "key")?,
+                owner: owner.to_owned(),
+                fencing: D::int(row, "attempts")?,
+            };
+            let parked = Parked {
+                queue: D::text(row, "parked_queue")?,
+                message: D::bytes(row, "parked_message")?,
+            };
+            Ok((token, parked))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(db)?;
+    for (token, parked) in &taken {
+        tracing::info!(key = %token.key, fencing = token.fencing, queue = %parked.queue, "took over an orphaned parked job");
+    }
+    Ok(taken)
 }
 
 pub(crate) async fn deregister_on<D: Dialect>(

@@ -11,12 +11,14 @@ use sqlx::{Database, Encode, Type};
 
 use crate::{ClaimToken, CompletionTx, SqlStore, StoreError};
 
-/// One bound parameter. Only text and integers are ever bound: lists travel as JSON text,
-/// which both backends unpack in SQL (`json_each`, `json_to_recordset`).
+/// One bound parameter. Only text, integers and the parked message's bytes are ever bound:
+/// lists travel as JSON text, which both backends unpack in SQL (`json_each`,
+/// `json_to_recordset`).
 #[derive(Debug, Clone)]
 pub(crate) enum Arg {
     Text(String),
     Int(i64),
+    Bytes(Vec<u8>),
 }
 
 impl From<&str> for Arg {
@@ -37,6 +39,12 @@ impl From<i64> for Arg {
     }
 }
 
+impl From<Vec<u8>> for Arg {
+    fn from(b: Vec<u8>) -> Self {
+        Arg::Bytes(b)
+    }
+}
+
 /// The SQL of one backend, implemented on sqlx's database types.
 ///
 /// Parameters of the token statements: 1 key, 2 owner, 3 epoch, then the statement's own.
@@ -46,7 +54,8 @@ pub(crate) trait Dialect: Database {
     const BEGIN_WRITE: &'static str;
     /// 1 key, 2 job id, 3 kind, 4 owner, 5 lease ms -> `attempts` of the acquired row.
     const CLAIM: &'static str;
-    /// 1 key -> state, owner, result, error, expires_in_ms.
+    /// 1 key -> state, owner, result, error, expires_in_ms (time until the key becomes
+    /// claimable: the lease left, or sooner the owner's registry deadline).
     const INSPECT: &'static str;
     /// Token + 4 result JSON.
     const COMPLETE: &'static str;
@@ -56,6 +65,11 @@ pub(crate) trait Dialect: Database {
     const RELEASE: &'static str;
     /// Token + 4 lease ms.
     const EXTEND: &'static str;
+    /// Token + 4 queue + 5 message bytes: keeps the parked copy with the claim.
+    const PARK: &'static str;
+    /// 1 new owner, 2 lease ms, 3 limit -> key, attempts, parked_queue, parked_message of
+    /// every parked claim taken over (lease expired or owner known dead), epoch + 1.
+    const TAKE_ORPHANS: &'static str;
     /// Token -> one row while the claim is held (PostgreSQL also locks it).
     const HOLD: &'static str;
     /// 1 key -> every column of the row, times as epoch ms.
@@ -105,6 +119,8 @@ pub(crate) trait Dialect: Database {
     fn int(row: &Self::Row, col: &str) -> Result<i64, sqlx::Error>;
     /// Reads a nullable integer column.
     fn opt_int(row: &Self::Row, col: &str) -> Result<Option<i64>, sqlx::Error>;
+    /// Reads a byte-string column (BLOB / BYTEA).
+    fn bytes(row: &Self::Row, col: &str) -> Result<Vec<u8>, sqlx::Error>;
 }
 
 /// A statement text of the store (all of them are constants).
@@ -121,11 +137,13 @@ where
     DB: Database,
     String: for<'t> Encode<'t, DB> + Type<DB>,
     i64: for<'t> Encode<'t, DB> + Type<DB>,
+    Vec<u8>: for<'t> Encode<'t, DB> + Type<DB>,
 {
     for arg in args {
         q = match arg {
             Arg::Text(t) => q.bind(t),
             Arg::Int(i) => q.bind(i),
+            Arg::Bytes(b) => q.bind(b),
         };
     }
     q
@@ -174,6 +192,10 @@ macro_rules! run_and_decode {
         }
 
         fn opt_int(row: &Self::Row, col: &str) -> Result<Option<i64>, sqlx::Error> {
+            sqlx::Row::try_get(row, col)
+        }
+
+        fn bytes(row: &Self::Row, col: &str) -> Result<Vec<u8>, sqlx::Error> {
             sqlx::Row::try_get(row, col)
         }
     };

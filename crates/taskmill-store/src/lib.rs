@@ -12,15 +12,21 @@
 //!    ([`IdempotencyStore::begin_completion`] -> [`CompletionTx`] -> [`CompletionTx::commit`]).
 //!    Either the effect and the `completed` row commit together, or neither does.
 //!
-//! It knows nothing about AMQP; the worker decides what to ack.
+//! 3. **A parked job survives its worker.** A long job's worker keeps a copy of the message
+//!    with its claim ([`IdempotencyStore::park`]) and acks the delivery early; if the worker
+//!    dies, a sweeper on any live worker takes the orphan over
+//!    ([`IdempotencyStore::take_orphans`]), republishes it and releases the key.
+//!
+//! It knows nothing about AMQP; the worker decides what to ack, and the parked message is
+//! opaque bytes the broker crate encodes.
 //!
 //! ## Layout
 //!
 //! | module | what |
 //! | --- | --- |
-//! | this file | public types ([`Claim`], [`ClaimToken`], [`Record`]), the [`IdempotencyStore`] trait, the [`Store`] enum and [`Store::connect`] |
+//! | this file | public types ([`Claim`], [`ClaimToken`], [`Parked`], [`Record`]), the [`IdempotencyStore`] trait, the [`Store`] enum and [`Store::connect`] |
 //! | `sql_store` | [`SqlStore`]: the one implementation of the trait, for either backend |
-//! | `body` | the logic written once: claim decision, fenced writes, heartbeat, rows; checks of text arguments |
+//! | `body` | the logic written once: claim decision, fenced writes, heartbeat, orphan takeover, rows; checks of arguments |
 //! | `dialect` | what differs per backend: SQL text, binding and decoding (`Dialect`) |
 //! | `sqlite` | SQLite's SQL and opening the file ([`SqliteStore`] = `SqlStore<Sqlite>`) |
 //! | `postgres` | PostgreSQL's SQL and connecting ([`PgStore`] = `SqlStore<Postgres>`) |
@@ -49,6 +55,11 @@
 //!      │                                   │    deregistered or silent past its dead_after):
 //!      │                                   │    new owner, epoch + 1; writes
 //!      │                                   │    made with the old epoch: LeaseLost
+//!      │                                   │  ⟲ park: keep a copy of the message
+//!      │                                   │  ⟲ take_orphans: a parked claim whose holder
+//!      │                                   │    is gone (same rule as the claim's
+//!      │                                   │    takeover) -> the sweeper, epoch + 1
+//!      │                                   │  ⟲ release / complete / fail drop the copy
 //!      │                                   │
 //!      │            complete / CompletionTx::commit        fail
 //!      │                 ┌─────────────────┴──────────────────┐
@@ -58,7 +69,9 @@
 //!      └─────────────────┴──── forget(key), or purge_older_than ┘
 //!                              (purge only takes finished rows)
 //!
-//! claim on CLAIMED, lease live -> HeldElsewhere { owner, expires_in }
+//! claim on CLAIMED, holder live -> HeldElsewhere { owner, expires_in }
+//!                                  (expires_in: until the lease ends or, sooner, the
+//!                                   holder's last_heartbeat + dead_after)
 //! claim on COMPLETED           -> AlreadyCompleted { result }   (ack, do not run)
 //! claim on FAILED              -> AlreadyFailed { error }       (forget(key) to replay)
 //! any token write with an old epoch, or after the key left CLAIMED -> StoreError::LeaseLost
@@ -154,7 +167,10 @@ pub enum Claim {
     HeldElsewhere {
         /// Owner id of the current holder.
         owner: String,
-        /// Time left on the holder's lease, by the database clock.
+        /// When the key becomes claimable if the holder does nothing more, by the database
+        /// clock: the lease left or, when the holder has a registry row, the time until its
+        /// `last_heartbeat + dead_after` if that comes first. A heartbeat of the holder
+        /// moves both later, so a claim retried then can find it held again.
         expires_in: Duration,
     },
 }
@@ -172,6 +188,31 @@ pub struct ClaimToken {
     pub owner: String,
     /// The epoch granted by the claim (1 for the first acquisition of a key).
     pub fencing: i64,
+}
+
+/// Most bytes of a [`Parked`] message the store keeps; a larger one is refused with
+/// [`StoreError::InvalidInput`] (16 MiB).
+pub const MAX_PARKED_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// A copy of a job's message kept with its claim ([`IdempotencyStore::park`]), so that the
+/// delivery can be acked early and a sweeper can republish the job if its worker dies.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Parked {
+    /// The queue to republish the message to.
+    pub queue: String,
+    /// The message, encoded by the broker crate; opaque to the store. At most
+    /// [`MAX_PARKED_MESSAGE`] bytes.
+    pub message: Vec<u8>,
+}
+
+impl std::fmt::Debug for Parked {
+    // The message can be megabytes of payload: show its size, not its bytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parked")
+            .field("queue", &self.queue)
+            .field("message_len", &self.message.len())
+            .finish()
+    }
 }
 
 /// State of a key's row.
@@ -369,6 +410,30 @@ pub trait IdempotencyStore: Send + Sync {
         lease: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Keeps `parked` with the claim (fenced by owner + epoch; LeaseLost otherwise), so the job
+    /// survives the early ack of its delivery. Cleared by complete, fail, release and forget.
+    ///
+    /// A queue name with NUL or a message over [`MAX_PARKED_MESSAGE`] is refused with the
+    /// permanent [`StoreError::InvalidInput`]. Parking again replaces the copy.
+    fn park(
+        &self,
+        token: &ClaimToken,
+        parked: &Parked,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Takes over at most `limit` parked claims whose holder is gone (lease expired, or the
+    /// owner's registry row deregistered / silent past its dead_after), for `owner` with
+    /// `lease`, each with a new epoch: the caller republishes the message, then releases the
+    /// token (release clears the parked copy, so the republished job claims the key anew).
+    /// Two sweepers never take the same row (one statement per call: PostgreSQL skips rows
+    /// locked by another sweeper, SQLite has one writer).
+    fn take_orphans(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(ClaimToken, Parked)>, StoreError>> + Send;
+
     /// One round trip: extends every token's lease to now + lease (fenced by owner+epoch),
     /// and upserts the worker's registry row. Returns the keys whose lease was lost
     /// (taken over or completed elsewhere) so the worker can stop trusting them.
@@ -513,6 +578,19 @@ impl IdempotencyStore for Store {
         on_backend!(self, s => s.extend_lease(t, lease).await)
     }
 
+    async fn park(&self, t: &ClaimToken, parked: &Parked) -> Result<(), StoreError> {
+        on_backend!(self, s => s.park(t, parked).await)
+    }
+
+    async fn take_orphans(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<(ClaimToken, Parked)>, StoreError> {
+        on_backend!(self, s => s.take_orphans(owner, lease, limit).await)
+    }
+
     async fn heartbeat(&self, beat: &Heartbeat) -> Result<HeartbeatReply, StoreError> {
         on_backend!(self, s => s.heartbeat(beat).await)
     }
@@ -551,7 +629,13 @@ mod send_check {
 
     fn is_send<T: Send>(_: T) {}
 
-    fn store_futures_are_send(s: &Store, t: &ClaimToken, v: &serde_json::Value, b: &Heartbeat) {
+    fn store_futures_are_send(
+        s: &Store,
+        t: &ClaimToken,
+        v: &serde_json::Value,
+        b: &Heartbeat,
+        p: &Parked,
+    ) {
         is_send(Store::connect("sqlite::memory:"));
         is_send(s.claim("k", "j", "k", "o", Duration::ZERO));
         is_send(s.complete(t, v));
@@ -559,6 +643,8 @@ mod send_check {
         is_send(s.fail(t, v));
         is_send(s.release(t));
         is_send(s.extend_lease(t, Duration::ZERO));
+        is_send(s.park(t, p));
+        is_send(s.take_orphans("o", Duration::ZERO, 1));
         is_send(s.heartbeat(b));
         is_send(s.deregister_worker("w"));
         is_send(s.workers());

@@ -26,6 +26,11 @@ pub(crate) const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "workers",
         include_str!("../../../migrations/sqlite/0002_workers.sql"),
     ),
+    (
+        3,
+        "parked",
+        include_str!("../../../migrations/sqlite/0003_parked.sql"),
+    ),
 ];
 
 /// `(version, description, sql)` of each PostgreSQL migration.
@@ -39,6 +44,11 @@ pub(crate) const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "workers",
         include_str!("../../../migrations/postgres/0002_workers.sql"),
+    ),
+    (
+        3,
+        "parked",
+        include_str!("../../../migrations/postgres/0003_parked.sql"),
     ),
 ];
 
@@ -87,6 +97,76 @@ mod tests {
 
     fn listed(list: &[(i64, &str, &str)]) -> Vec<(i64, String)> {
         list.iter().map(|&(v, d, _)| (v, d.to_owned())).collect()
+    }
+
+    /// One row as a store before migration 3 wrote it.
+    const OLD_ROW: &str = "INSERT INTO taskmill_jobs (key, state, owner, attempts, job_id, kind, \
+        created_at, updated_at, result) VALUES ('old', 'completed', 'w', 2, 'j', 'k', 1, 1, '7')";
+
+    /// `attempts, result, parked_queue, parked_message` of that row after the upgrade.
+    type Upgraded = (i64, String, Option<String>, Option<Vec<u8>>);
+    const READ_BACK: &str =
+        "SELECT attempts, result, parked_queue, parked_message FROM taskmill_jobs";
+
+    fn assert_row_kept_unparked(row: Upgraded) {
+        let (attempts, result, queue, message) = row;
+        assert_eq!(
+            (attempts, result.as_str(), queue, message),
+            (2, "7", None, None)
+        );
+    }
+
+    /// Applies migrations 1 and 2 and writes a row, then the rest: the row must survive
+    /// unchanged with no parked copy.
+    #[tokio::test]
+    async fn parked_columns_apply_to_a_database_with_rows_sqlite() {
+        use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+        let dir = std::env::temp_dir().join(format!("taskmill_migrate_{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let opts = SqliteConnectOptions::new()
+            .filename(dir.join("old.db"))
+            .create_if_missing(true);
+        let pool = SqlitePoolOptions::new().connect_with(opts).await.unwrap();
+        build(&SQLITE_MIGRATIONS[..2]).run(&pool).await.unwrap();
+        sqlx::query(OLD_ROW).execute(&pool).await.unwrap();
+        SQLITE.run(&pool).await.unwrap();
+        let row: Upgraded = sqlx::query_as(READ_BACK).fetch_one(&pool).await.unwrap();
+        assert_row_kept_unparked(row);
+        pool.close().await;
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test]
+    async fn parked_columns_apply_to_a_database_with_rows_postgres() {
+        use sqlx::Connection;
+        let base = std::env::var("TASKMILL_STORE_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+        let name = format!("taskmill_migrate_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
+            .await
+            .expect("PostgreSQL test server reachable");
+        let raw = |sql: String| sqlx::query(sqlx::AssertSqlSafe(sql));
+        raw(format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let pool = sqlx::PgPool::connect(&format!("{base}/{name}"))
+            .await
+            .unwrap();
+        build(&POSTGRES_MIGRATIONS[..2]).run(&pool).await.unwrap();
+        raw(OLD_ROW.replace(", 1, 1,", ", now(), now(),"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let outcome = POSTGRES.run(&pool).await;
+        let row: Result<Upgraded, _> = sqlx::query_as(READ_BACK).fetch_one(&pool).await;
+        pool.close().await;
+        raw(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .ok();
+        outcome.unwrap();
+        assert_row_kept_unparked(row.unwrap());
     }
 
     #[test]

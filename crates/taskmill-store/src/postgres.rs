@@ -32,6 +32,14 @@ macro_rules! fenced {
     };
 }
 
+/// Drops the parked copy of the message (an outcome or a release makes it moot); a SET
+/// clause fragment ending in a comma.
+macro_rules! unpark {
+    () => {
+        " parked_queue = NULL, parked_message = NULL,"
+    };
+}
+
 /// The owner of `taskmill_jobs` is known dead: it shut down cleanly, or its last heartbeat
 /// is older than the `dead_after` it announced.
 macro_rules! owner_dead {
@@ -111,25 +119,35 @@ WHERE taskmill_jobs.state = 'claimed'
         ")
 RETURNING attempts"
     );
-    // What is there when the claim did not acquire: remaining lease rounded up to whole ms,
-    // so "0" means expired by the same clock the claim used.
+    // What is there when the claim did not acquire. `expires_in_ms` is when the key becomes
+    // claimable: the earlier of the lease deadline and, when the owner has a registry row,
+    // its death deadline (now, if it deregistered; LEAST ignores the NULL of no row). Rounded
+    // up to whole ms, so "0" means claimable by the same clock the claim used.
     const INSPECT: &'static str = "\
-SELECT state, owner, result, error,
-       GREATEST(0, CEIL(EXTRACT(EPOCH FROM (COALESCE(lease_expires_at, now()) - now())) * 1000))::bigint
-           AS expires_in_ms
-FROM taskmill_jobs WHERE key = $1";
+SELECT j.state, j.owner, j.result, j.error,
+       GREATEST(0, CEIL(EXTRACT(EPOCH FROM (
+           LEAST(COALESCE(j.lease_expires_at, now()),
+                 CASE WHEN w.stopped_at IS NOT NULL THEN now()
+                      ELSE w.last_heartbeat + w.dead_after_ms * interval '1 millisecond' END)
+           - now())) * 1000))::bigint AS expires_in_ms
+FROM taskmill_jobs j LEFT JOIN taskmill_workers w ON w.id = j.owner
+WHERE j.key = $1";
     const COMPLETE: &'static str = concat!(
         "UPDATE taskmill_jobs SET state = 'completed', result = $4, error = NULL,",
+        unpark!(),
         " lease_expires_at = NULL, completed_at = now(), updated_at = now()",
         fenced!()
     );
     const FAIL: &'static str = concat!(
         "UPDATE taskmill_jobs SET state = 'failed', error = $4, result = NULL,",
+        unpark!(),
         " lease_expires_at = NULL, updated_at = now()",
         fenced!()
     );
     const RELEASE: &'static str = concat!(
-        "UPDATE taskmill_jobs SET lease_expires_at = now(), updated_at = now()",
+        "UPDATE taskmill_jobs SET",
+        unpark!(),
+        " lease_expires_at = now(), updated_at = now()",
         fenced!()
     );
     const EXTEND: &'static str = concat!(
@@ -137,6 +155,25 @@ FROM taskmill_jobs WHERE key = $1";
         " SET lease_expires_at = now() + $4::float8 * interval '1 millisecond',",
         " updated_at = now()",
         fenced!()
+    );
+    const PARK: &'static str = concat!(
+        "UPDATE taskmill_jobs SET parked_queue = $4, parked_message = $5, updated_at = now()",
+        fenced!()
+    );
+    // SKIP LOCKED: a row another sweeper (or a claim) is taking over right now is left to
+    // it; a row it took over before we locked is re-checked against its new lease and
+    // dropped, so two sweepers never take the same row.
+    const TAKE_ORPHANS: &'static str = concat!(
+        "UPDATE taskmill_jobs SET owner = $1, attempts = attempts + 1,
+    lease_expires_at = now() + $2::float8 * interval '1 millisecond', updated_at = now()
+WHERE key IN (
+    SELECT key FROM taskmill_jobs
+    WHERE state = 'claimed' AND parked_queue IS NOT NULL
+        AND (lease_expires_at <= now() OR ",
+        owner_dead!(),
+        ")
+    ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+RETURNING key, attempts, parked_queue, parked_message"
     );
     // FOR UPDATE holds the row until commit/rollback: a takeover attempt blocks on it and
     // then sees our outcome. If a takeover committed first, the re-checked WHERE fails.

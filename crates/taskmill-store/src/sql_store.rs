@@ -9,11 +9,13 @@ use std::time::Duration;
 use sqlx::Database;
 use sqlx::pool::{Pool, PoolConnection};
 
-use crate::body::{self, ClaimRequest, check_claim, check_text, check_token, check_worker};
+use crate::body::{
+    self, ClaimRequest, check_claim, check_parked, check_text, check_token, check_worker,
+};
 use crate::dialect::{Arg, Dialect, sql};
 use crate::group_commit::GroupCommit;
 use crate::registry::{Heartbeat, HeartbeatReply, WorkerRecord};
-use crate::{Claim, ClaimToken, CompletionTx, IdempotencyStore, Record, StoreError};
+use crate::{Claim, ClaimToken, CompletionTx, IdempotencyStore, Parked, Record, StoreError};
 
 /// The store on one backend: [`SqliteStore`](crate::SqliteStore) (`SqlStore<sqlx::Sqlite>`)
 /// or [`PgStore`](crate::PgStore) (`SqlStore<sqlx::Postgres>`). Cheap to clone.
@@ -71,7 +73,7 @@ async fn fenced<D: Dialect>(
     op: &'static str,
     statement: &'static str,
     token: &ClaimToken,
-    extra: Option<Arg>,
+    extra: Vec<Arg>,
 ) -> Result<(), StoreError> {
     check_token(token)?;
     let mut conn = store.conn(op).await?;
@@ -116,16 +118,41 @@ impl<D: Dialect> IdempotencyStore for SqlStore<D> {
 
     async fn fail(&self, token: &ClaimToken, error: &serde_json::Value) -> Result<(), StoreError> {
         let error = Arg::Text(body::json_text(error));
-        fenced(self, "fail", D::FAIL, token, Some(error)).await
+        fenced(self, "fail", D::FAIL, token, vec![error]).await
     }
 
     async fn release(&self, token: &ClaimToken) -> Result<(), StoreError> {
-        fenced(self, "release", D::RELEASE, token, None).await
+        fenced(self, "release", D::RELEASE, token, Vec::new()).await
     }
 
     async fn extend_lease(&self, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
         let lease = Arg::Int(body::millis(lease));
-        fenced(self, "extend_lease", D::EXTEND, token, Some(lease)).await
+        fenced(self, "extend_lease", D::EXTEND, token, vec![lease]).await
+    }
+
+    async fn park(&self, token: &ClaimToken, parked: &Parked) -> Result<(), StoreError> {
+        check_parked(parked)?;
+        // A plain pooled write, not the group commit: parked messages can be megabytes, and
+        // only long jobs park, so there is little to batch.
+        let args = vec![
+            parked.queue.as_str().into(),
+            Arg::Bytes(parked.message.clone()),
+        ];
+        fenced(self, "park", D::PARK, token, args).await
+    }
+
+    async fn take_orphans(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<(ClaimToken, Parked)>, StoreError> {
+        check_text("owner", owner)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn("take_orphans").await?;
+        body::take_orphans_on::<D>(&mut conn, owner, body::millis(lease), limit).await
     }
 
     async fn heartbeat(&self, beat: &Heartbeat) -> Result<HeartbeatReply, StoreError> {

@@ -39,6 +39,14 @@ macro_rules! fenced {
     };
 }
 
+/// Drops the parked copy of the message (an outcome or a release makes it moot); a SET
+/// clause fragment ending in a comma.
+macro_rules! unpark {
+    () => {
+        " parked_queue = NULL, parked_message = NULL,"
+    };
+}
+
 /// The fencing condition of the owner of `taskmill_jobs` being known dead: it shut down
 /// cleanly, or its last heartbeat is older than the `dead_after` it announced.
 macro_rules! owner_dead {
@@ -179,15 +187,22 @@ impl Dialect for Sqlite {
         owner_dead!(),
         ") RETURNING attempts"
     );
+    // The key becomes claimable at the earlier of its lease deadline and, when the owner has
+    // a registry row, that row's death deadline (now, if it deregistered). SQLite's
+    // two-argument MIN is NULL if either is, hence the COALESCE to the lease.
     const INSPECT: &'static str = concat!(
-        "SELECT state, owner, result, error,",
-        " MAX(COALESCE(lease_expires_at, 0) - ",
+        "SELECT j.state, j.owner, j.result, j.error,",
+        " MAX(MIN(COALESCE(j.lease_expires_at, 0), COALESCE(CASE",
+        " WHEN w.stopped_at IS NOT NULL THEN 0",
+        " ELSE w.last_heartbeat + w.dead_after_ms END, j.lease_expires_at, 0)) - ",
         now_ms!(),
         ", 0) AS expires_in_ms",
-        " FROM taskmill_jobs WHERE key = ?1"
+        " FROM taskmill_jobs j LEFT JOIN taskmill_workers w ON w.id = j.owner",
+        " WHERE j.key = ?1"
     );
     const COMPLETE: &'static str = concat!(
         "UPDATE taskmill_jobs SET state = 'completed', result = ?4, error = NULL,",
+        unpark!(),
         " lease_expires_at = NULL, completed_at = ",
         now_ms!(),
         ", updated_at = ",
@@ -196,12 +211,15 @@ impl Dialect for Sqlite {
     );
     const FAIL: &'static str = concat!(
         "UPDATE taskmill_jobs SET state = 'failed', error = ?4, result = NULL,",
+        unpark!(),
         " lease_expires_at = NULL, updated_at = ",
         now_ms!(),
         fenced!()
     );
     const RELEASE: &'static str = concat!(
-        "UPDATE taskmill_jobs SET lease_expires_at = ",
+        "UPDATE taskmill_jobs SET",
+        unpark!(),
+        " lease_expires_at = ",
         now_ms!(),
         ", updated_at = ",
         now_ms!(),
@@ -213,6 +231,27 @@ impl Dialect for Sqlite {
         " + ?4, updated_at = ",
         now_ms!(),
         fenced!()
+    );
+    const PARK: &'static str = concat!(
+        "UPDATE taskmill_jobs SET parked_queue = ?4, parked_message = ?5, updated_at = ",
+        now_ms!(),
+        fenced!()
+    );
+    // One statement: SQLite runs one writer at a time, so two sweepers cannot pick the
+    // same row; the second sees the first one's new lease and skips it.
+    const TAKE_ORPHANS: &'static str = concat!(
+        "UPDATE taskmill_jobs SET owner = ?1, attempts = attempts + 1, lease_expires_at = ",
+        now_ms!(),
+        " + ?2, updated_at = ",
+        now_ms!(),
+        " WHERE key IN (SELECT key FROM taskmill_jobs",
+        " WHERE state = 'claimed' AND parked_queue IS NOT NULL",
+        " AND (lease_expires_at <= ",
+        now_ms!(),
+        " OR",
+        owner_dead!(),
+        ") ORDER BY lease_expires_at LIMIT ?3)",
+        " RETURNING key, attempts, parked_queue, parked_message"
     );
     const HOLD: &'static str = concat!("SELECT 1 AS held FROM taskmill_jobs", fenced!());
     const GET: &'static str = "SELECT key, state, owner, attempts, lease_expires_at, result, \

@@ -2,47 +2,16 @@
 //! lost keys; a dead or deregistered worker's keys are taken over at once; NUL in text is a
 //! permanent error.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
-use common::Kind;
+use common::{acquire, beat, worker};
 use serde_json::json;
-use taskmill_store::{
-    Claim, ClaimToken, Heartbeat, IdempotencyStore, Store, StoreError, WorkerInfo,
-};
+use taskmill_store::{Claim, ClaimToken, IdempotencyStore, Store, StoreError};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn worker(id: &str) -> WorkerInfo {
-    WorkerInfo {
-        id: id.to_owned(),
-        host: "host-1".to_owned(),
-        version: "0.1.0".to_owned(),
-        queues: vec!["default".to_owned(), "cpu".to_owned()],
-        concurrency: 8,
-        pool_size: 2,
-        started_at_ms: 1_700_000_000_000,
-        in_flight: 3,
-        jobs_done: 41,
-    }
-}
-
-fn beat(id: &str, tokens: Vec<ClaimToken>, lease: Duration, dead_after: Duration) -> Heartbeat {
-    Heartbeat {
-        worker: worker(id),
-        tokens,
-        lease,
-        dead_after,
-    }
-}
-
-async fn acquire(store: &Store, key: &str, owner: &str, lease: Duration) -> ClaimToken {
-    match store.claim(key, "job", "kind", owner, lease).await.unwrap() {
-        Claim::Acquired(t) => t,
-        other => panic!("expected Acquired for {key}, got {other:?}"),
-    }
-}
 
 async fn lease_left(store: &Store, key: &str) -> Duration {
     let rec = store.get(key).await.unwrap().unwrap();
@@ -229,27 +198,6 @@ async fn nul_in_text_is_a_permanent_error(url: String) {
         .complete(&t, &json!("\u{0}inside json is fine"))
         .await
         .unwrap();
-}
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    crate::common::run(crate::Kind::Sqlite, super::$name).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    crate::common::run(crate::Kind::Postgres, super::$name).await;
-                }
-            )*
-        }
-    };
 }
 
 both_backends!(

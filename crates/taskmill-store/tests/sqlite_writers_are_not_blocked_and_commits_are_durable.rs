@@ -13,10 +13,7 @@ use taskmill_store::{Claim, ClaimToken, IdempotencyStore, Store, StoreOptions};
 const LONG: Duration = Duration::from_secs(60);
 
 async fn acquire(store: &Store, key: &str) -> ClaimToken {
-    match store.claim(key, "job", "kind", "w", LONG).await.unwrap() {
-        Claim::Acquired(t) => t,
-        other => panic!("expected Acquired for {key}, got {other:?}"),
-    }
+    common::acquire(store, key, "w", LONG).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

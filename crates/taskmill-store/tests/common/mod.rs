@@ -10,9 +10,71 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use sqlx::Connection;
-use taskmill_store::Store;
+use taskmill_store::{Claim, ClaimToken, Heartbeat, IdempotencyStore, Store, WorkerInfo};
+
+/// One `#[tokio::test]` per backend for each listed `async fn(url)` scenario of the test
+/// file (in modules `sqlite` and `postgres`).
+#[allow(unused_macros)] // not every test file runs on both backends
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    crate::common::run(crate::common::Kind::Sqlite, super::$name).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    crate::common::run(crate::common::Kind::Postgres, super::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Claims `key` for `owner`, which must acquire.
+pub async fn acquire(store: &Store, key: &str, owner: &str, lease: Duration) -> ClaimToken {
+    match store
+        .claim(key, "job-1", "test_kind", owner, lease)
+        .await
+        .unwrap()
+    {
+        Claim::Acquired(t) => t,
+        other => panic!("expected Acquired for {key}, got {other:?}"),
+    }
+}
+
+/// A worker's registry data, as a heartbeat reports it.
+pub fn worker(id: &str) -> WorkerInfo {
+    WorkerInfo {
+        id: id.to_owned(),
+        host: "host-1".to_owned(),
+        version: "0.1.0".to_owned(),
+        queues: vec!["default".to_owned(), "cpu".to_owned()],
+        concurrency: 8,
+        pool_size: 2,
+        started_at_ms: 1_700_000_000_000,
+        in_flight: 3,
+        jobs_done: 41,
+    }
+}
+
+/// A heartbeat of worker `id` for `tokens`.
+pub fn beat(id: &str, tokens: Vec<ClaimToken>, lease: Duration, dead_after: Duration) -> Heartbeat {
+    Heartbeat {
+        worker: worker(id),
+        tokens,
+        lease,
+        dead_after,
+    }
+}
 
 /// Which backend a scenario runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,4 +215,27 @@ pub fn kind_of_store(store: &Store) -> Kind {
         taskmill_store::Backend::Sqlite => Kind::Sqlite,
         taskmill_store::Backend::Postgres => Kind::Postgres,
     }
+}
+
+/// How many migration files the backend has (`migrations/<backend>/*.sql`): what a fresh
+/// database must record in `_sqlx_migrations`, each exactly once.
+pub fn migration_files(kind: Kind) -> i64 {
+    let dir = match kind {
+        Kind::Sqlite => "sqlite",
+        Kind::Postgres => "postgres",
+    };
+    let dir = format!("{}/../../migrations/{dir}", env!("CARGO_MANIFEST_DIR"));
+    let n = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "sql")
+        })
+        .count();
+    // 0001 init, 0002 workers, 0003 parked at least: an empty listing is a wrong path.
+    assert!(n >= 3, "only {n} migration files in {dir}");
+    n as i64
 }
