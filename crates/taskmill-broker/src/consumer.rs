@@ -291,7 +291,7 @@ impl Incoming {
         headers.insert(ShortString::from(H_DEAD_ERROR), s(error));
         headers.insert(ShortString::from(H_DEAD_QUEUE), s(&self.queue));
         headers.insert(ShortString::from(H_DEAD_WORKER), s(worker_id));
-        let now_ms = i64::try_from(taskmill_core::wire::now_us() / 1000).unwrap_or(i64::MAX);
+        let now_ms = i64::try_from(crate::system::now_us() / 1000).unwrap_or(i64::MAX);
         headers.insert(
             ShortString::from(H_DEAD_AT_MS),
             AMQPValue::LongLongInt(now_ms),

@@ -12,6 +12,8 @@
 //! - [`convert`]: protocol headers <-> AMQP field tables.
 //! - [`browse`]: reading a queue without consuming it (dead-letter tooling).
 //! - [`ceiling`]: bare publish/consume loops, the benchmark's reference.
+//! - [`system`]: the clock ([`now_us`]), fresh job ids ([`new_job_id`]) and
+//!   the default worker id: the IO that `taskmill-core` takes as arguments.
 //!
 //! Nothing here knows about handlers: the worker decides, this crate carries out.
 
@@ -22,9 +24,11 @@ pub mod connection;
 pub mod consumer;
 pub mod convert;
 pub mod publisher;
+pub mod system;
 pub mod topology;
 
 pub use connection::{Broker, BrokerError, Fetched};
 pub use consumer::{Consumer, Incoming};
 pub use publisher::{Outgoing, PendingConfirm, PublishError, Publisher};
+pub use system::{default_worker_id, new_job_id, now_ms, now_us};
 pub use topology::QueueSpec;

@@ -218,7 +218,7 @@ impl WorkerBuilder {
         if let Some(kind) = self.duplicate {
             return Err(WorkerError::DuplicateKind(kind));
         }
-        let worker_id = self.config.worker_id();
+        let worker_id = self.config.worker_id(taskmill_broker::default_worker_id);
         let mut config = self.config;
         let has_cpu = self.handlers.values().any(|h| matches!(h, Handler::Cpu));
         if has_cpu && !config.queues.contains(&config.cpu_queue) {

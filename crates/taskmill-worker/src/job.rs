@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::FutureExt;
-use taskmill_broker::{Incoming, Outgoing, PublishError};
+use taskmill_broker::{Incoming, Outgoing, PublishError, now_us};
 use taskmill_core::celery::{self, CeleryException, ReplyTo, ResultStatus};
-use taskmill_core::wire::{H_FIRST_FAILED_AT_MS, now_us};
+use taskmill_core::wire::{H_FIRST_FAILED_AT_MS, deadline_us};
 use taskmill_core::{DeadReason, Envelope, HeaderValue, JobError, Outcome};
 use taskmill_cpu::{CpuError, CpuRequest, HandlerError};
 use taskmill_store::{Claim, ClaimToken, IdempotencyStore};
@@ -729,7 +729,7 @@ async fn republish(
     report: JobReport,
 ) {
     next.payload = payload.to_vec();
-    next.enqueued_at_us = Some(now_us() + u64::try_from(delay.as_micros()).unwrap_or(u64::MAX));
+    next.enqueued_at_us = Some(deadline_us(now_us(), delay));
     let msg = match delayed(incoming, wire, &next, delay) {
         Ok(m) => m,
         Err(e) => {

@@ -135,7 +135,7 @@ impl Entry {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
-    taskmill_core::wire::now_us() / 1000
+    taskmill_broker::now_ms()
 }
 
 /// A short age: `42s`, `7m3s`, `5h12m`, `3d4h`.
