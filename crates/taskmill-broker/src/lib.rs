@@ -10,7 +10,10 @@
 //! - [`consumer`]: [`Consumer`] and [`Incoming`], a delivery with ack/nack and
 //!   decoding into a [`taskmill_core::Envelope`].
 //! - [`convert`]: protocol headers <-> AMQP field tables.
+//! - `bounded`: the size bound on the headers a copy takes over from its original.
 //! - [`browse`]: reading a queue without consuming it (dead-letter tooling).
+//! - [`dlq`]: replaying dead letters, each removed only after its replacement
+//!   is confirmed.
 //! - [`ceiling`]: bare publish/consume loops, the benchmark's reference.
 //! - [`system`]: the clock ([`now_us`]), fresh job ids ([`new_job_id`]) and
 //!   the default worker id: the IO that `taskmill-core` takes as arguments.
@@ -18,11 +21,13 @@
 //! Nothing here knows about handlers: the worker decides, this crate carries out.
 
 pub(crate) mod acks;
+pub(crate) mod bounded;
 pub mod browse;
 pub mod ceiling;
 pub mod connection;
 pub mod consumer;
 pub mod convert;
+pub mod dlq;
 pub mod publisher;
 pub mod system;
 pub mod topology;
