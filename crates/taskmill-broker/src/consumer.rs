@@ -295,7 +295,7 @@ impl Incoming {
     /// A copy of this delivery (body, properties, headers) with `overrides`
     /// set, that becomes ready again in its queue after `delay`, through the
     /// delay ladder: how a Celery task is deferred or retried as a Celery
-    /// message. Copied headers are bounded (see [`crate::bounded`]). Fails
+    /// message. Copied headers are bounded (see [`taskmill_core::bounds`]). Fails
     /// only for a delay beyond [`taskmill_core::wire::MAX_DELAY`].
     pub fn delayed_copy(
         &self,

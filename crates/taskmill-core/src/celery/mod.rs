@@ -25,9 +25,9 @@
 //! [`HeaderSource`], so the broker adapter hands in AMQP tables without this
 //! crate knowing them.
 //!
-//! Layout: [`decode`](mod@decode) (a task message -> [`Envelope`] +
+//! Layout: `decode` (a task message -> [`Envelope`] +
 //! [`CeleryTask`]), [`result`] (the `rpc://` backend's result messages and
-//! exceptions), [`datetime`] (ISO 8601 as Python writes it), and here the
+//! exceptions), `body` (the `[args, kwargs, embed]` body), [`datetime`] (ISO 8601 as Python writes it), and here the
 //! header names, the types both sides share, and the redelivery headers.
 
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //! variables are errors too, so a typo never silently falls back to a default.
 //! `docs/configuration.md` documents every key.
 //!
-//! Layout: here the types, the file's parsing and the checks; [`env`](mod@env)
+//! Layout: here the types, the file's parsing and the checks; `env`
 //! holds the `TASKMILL_*` variable table and its application.
 
 use std::collections::BTreeMap;

@@ -14,9 +14,9 @@
 //! The decoder is pure: it sees headers through a lookup function, so the
 //! broker adapter can hand in AMQP tables without this crate knowing them.
 //!
-//! Layout: [`envelope`] (the [`Envelope`] and its decoding), [`headers`]
+//! Layout: `envelope` (the [`Envelope`] and its decoding), `headers`
 //! (header values, the refusal reasons and the checks every decoder shares),
-//! [`delay`] (the delay ladder's routing).
+//! `delay` (the delay ladder's routing).
 
 mod delay;
 mod envelope;
