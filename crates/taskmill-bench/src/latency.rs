@@ -256,7 +256,9 @@ pub(crate) async fn open_loop(
         let now = Instant::now();
         while sent < total && due(sent) <= now {
             // The job is stamped now, as `enqueue` would stamp it.
-            let env = Envelope::new(kind, queue, payload.to_vec());
+            let mut env =
+                Envelope::new(taskmill_broker::new_job_id(), kind, queue, payload.to_vec());
+            env.enqueued_at_us = Some(taskmill_broker::now_us());
             env.validate(max_payload_bytes)?;
             lag.push(Instant::now().saturating_duration_since(due(sent)));
             let pending = publisher.send(&Outgoing::job(&env)).await?;

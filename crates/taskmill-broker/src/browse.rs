@@ -36,7 +36,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use taskmill_core::HeaderValue;
-use taskmill_core::wire::{EXCHANGE, H_ATTEMPT, H_FIRST_FAILED_AT_MS, H_REPLAY};
+use taskmill_core::celery;
+use taskmill_core::wire::{EXCHANGE, H_ATTEMPT, H_FIRST_FAILED_AT_MS, H_KIND, H_REPLAY};
 
 use crate::connection::{Broker, BrokerError};
 use crate::convert;
@@ -268,12 +269,33 @@ impl Browsed {
             .unwrap_or_default()
     }
 
+    /// Whether this is a Celery task message (protocol v2: a `task` header,
+    /// no `taskmill-kind`).
+    pub fn is_celery(&self) -> bool {
+        let headers = self.delivery.properties.headers().as_ref();
+        convert::lookup(headers, celery::H_TASK).is_some()
+            && convert::lookup(headers, H_KIND).is_none()
+    }
+
+    /// The kind of job it holds: `taskmill-kind`, or a Celery task's name.
+    pub fn kind(&self) -> Option<String> {
+        self.header_str(H_KIND)
+            .or_else(|| self.is_celery().then(|| self.header_str(celery::H_TASK))?)
+    }
+
     /// The job this dead letter came from, ready to publish again to the work
     /// queue `queue` through the `taskmill` exchange: same body, properties
-    /// and `message_id`, persistent, `taskmill-attempt` set to 1,
-    /// `taskmill-replay` set to true, and the headers [`dropped_on_replay`]
-    /// removed.
+    /// and `message_id`, persistent, `taskmill-replay` set to true, and the
+    /// headers [`dropped_on_replay`] removed. A taskmill job gets
+    /// `taskmill-attempt` 1; a Celery task gets `retries` 0 and loses its
+    /// `eta` and `expires` (the time that may have dead-lettered it would
+    /// dead-letter the replay again), and the per-message TTL with them.
     pub fn replay_to(&self, queue: &str) -> Outgoing {
+        let celery = self.is_celery();
+        let dropped = |name: &str| {
+            dropped_on_replay(name)
+                || (celery && (name == celery::H_ETA || name == celery::H_EXPIRES))
+        };
         let kept: BTreeMap<ShortString, AMQPValue> = self
             .delivery
             .properties
@@ -282,20 +304,30 @@ impl Browsed {
             .map(|t| {
                 t.inner()
                     .iter()
-                    .filter(|(k, _)| !dropped_on_replay(k.as_str()))
+                    .filter(|(k, _)| !dropped(k.as_str()))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect()
             })
             .unwrap_or_default();
         let mut headers = FieldTable::from(kept);
-        headers.insert(ShortString::from(H_ATTEMPT), AMQPValue::LongLongInt(1));
+        if celery {
+            headers.insert(
+                ShortString::from(celery::H_RETRIES),
+                AMQPValue::LongLongInt(0),
+            );
+        } else {
+            headers.insert(ShortString::from(H_ATTEMPT), AMQPValue::LongLongInt(1));
+        }
         headers.insert(ShortString::from(H_REPLAY), AMQPValue::Boolean(true));
-        let properties = self
+        let mut properties = self
             .delivery
             .properties
             .clone()
             .with_headers(headers)
             .with_delivery_mode(2);
+        if celery {
+            properties = crate::consumer::without_expiration(&properties);
+        }
         Outgoing {
             exchange: EXCHANGE.to_string(),
             routing_key: queue.to_string(),
@@ -593,6 +625,50 @@ mod tests {
             convert::lookup(p.headers().as_ref(), "taskmill-attempt"),
             Some(HeaderValue::Int(1))
         );
+    }
+
+    #[test]
+    fn celery_replay_resets_retries_and_drops_eta_and_expires() {
+        let mut headers = FieldTable::default();
+        headers.insert("task".into(), s("reports.render"));
+        headers.insert("id".into(), s("t-1"));
+        headers.insert("retries".into(), AMQPValue::LongLongInt(3));
+        headers.insert("eta".into(), s("2024-05-01T12:00:00+00:00"));
+        headers.insert("expires".into(), s("2024-05-01T12:00:01+00:00"));
+        headers.insert("taskmill-dead-reason".into(), s("expired"));
+        headers.insert("taskmill-dead-attempts".into(), AMQPValue::LongLongInt(4));
+        let mut delivery = Delivery::mock(
+            1,
+            "taskmill".into(),
+            "celery.dead".into(),
+            false,
+            b"[[], {}, {}]".to_vec(),
+        );
+        delivery.properties = lapin::BasicProperties::default()
+            .with_correlation_id("t-1".into())
+            .with_content_type("application/json".into())
+            .with_expiration("60000".into())
+            .with_headers(headers);
+        let msg = Browsed { delivery };
+        assert!(msg.is_celery());
+        assert_eq!(msg.kind().as_deref(), Some("reports.render"));
+        let out = msg.replay_to("celery");
+        let p = &out.properties;
+        let names: Vec<&str> = p
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(names, ["id", "retries", "task", "taskmill-replay"]);
+        assert_eq!(
+            convert::lookup(p.headers().as_ref(), "retries"),
+            Some(HeaderValue::Int(0))
+        );
+        assert_eq!(p.expiration(), &None);
+        assert_eq!(p.correlation_id().as_ref().map(|s| s.as_str()), Some("t-1"));
     }
 
     #[test]

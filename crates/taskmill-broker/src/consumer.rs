@@ -5,16 +5,14 @@ use std::sync::Arc;
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use taskmill_core::wire::{
-    EXCHANGE, H_DEAD_AT_MS, H_DEAD_ERROR, H_DEAD_QUEUE, H_DEAD_REASON, H_DEAD_WORKER, Properties,
-    dead_queue_name,
-};
-use taskmill_core::{DeadReason, DecodeError, Envelope};
+use lapin::types::FieldTable;
+use taskmill_core::wire::{EXCHANGE, H_ATTEMPT, H_FIRST_FAILED_AT_MS, Properties, dead_queue_name};
+use taskmill_core::{DeadLetter, DeadReason, DecodeError, Envelope};
 
 use taskmill_core::celery::{self, CeleryProperties, CeleryTask, ReplyTo};
 
 use crate::acks::AckBatch;
+use crate::bounded;
 use crate::connection::{Broker, BrokerError};
 use crate::convert::{self, CeleryHeaders};
 use crate::publisher::Outgoing;
@@ -119,7 +117,7 @@ impl Consumer {
 /// leave its delay queue early (RabbitMQ drops the property itself when it
 /// dead-letters a message, for the same reason). Celery sets it for
 /// `expires`, which the worker checks from the header instead.
-fn without_expiration(p: &lapin::BasicProperties) -> lapin::BasicProperties {
+pub(crate) fn without_expiration(p: &lapin::BasicProperties) -> lapin::BasicProperties {
     let mut out = lapin::BasicProperties::default();
     macro_rules! keep {
         ($($get:ident => $set:ident),* $(,)?) => {
@@ -146,6 +144,61 @@ fn without_expiration(p: &lapin::BasicProperties) -> lapin::BasicProperties {
     out
 }
 
+/// How many attempts a message had run when it was dead-lettered: its
+/// `taskmill-attempt`, or a Celery message's `retries` + 1.
+fn attempts_of(headers: Option<&FieldTable>) -> Option<u32> {
+    let int = |name| match convert::lookup(headers, name) {
+        Some(taskmill_core::HeaderValue::Int(n)) => u32::try_from(n).ok(),
+        _ => None,
+    };
+    int(H_ATTEMPT).or_else(|| int(celery::H_RETRIES).map(|r| r.saturating_add(1)))
+}
+
+/// The copy of a message (`props`, `body`, consumed from `queue`) that
+/// comes back to `queue` after `delay`, with `overrides` set.
+fn delayed_copy_of(
+    props: &lapin::BasicProperties,
+    body: &[u8],
+    queue: &str,
+    overrides: &[(&'static str, taskmill_core::HeaderValue)],
+    delay: std::time::Duration,
+) -> Result<Outgoing, String> {
+    let (exchange, routing_key) = taskmill_core::wire::delay_route(queue, delay)?;
+    let mut headers = bounded::copied_headers(props.headers().as_ref());
+    bounded::set_own(&mut headers, overrides);
+    let properties = without_expiration(props)
+        .with_headers(FieldTable::from(headers))
+        .with_delivery_mode(2);
+    Ok(Outgoing {
+        exchange,
+        routing_key,
+        properties,
+        body: body.to_vec(),
+    })
+}
+
+/// The dead-letter copy of a message (`props`, `body`) consumed from `queue`.
+fn dead_letter_of(
+    props: &lapin::BasicProperties,
+    body: &[u8],
+    queue: &str,
+    dl: &DeadLetter,
+    extra: &[(&'static str, taskmill_core::HeaderValue)],
+) -> Outgoing {
+    let mut headers = bounded::copied_headers(props.headers().as_ref());
+    bounded::set_own(&mut headers, &dl.to_headers());
+    bounded::set_own(&mut headers, extra);
+    let properties = without_expiration(props)
+        .with_headers(FieldTable::from(headers))
+        .with_delivery_mode(2);
+    Outgoing {
+        exchange: EXCHANGE.to_string(),
+        routing_key: dead_queue_name(queue),
+        properties,
+        body: body.to_vec(),
+    }
+}
+
 /// One delivery.
 pub struct Incoming {
     delivery: Delivery,
@@ -166,6 +219,16 @@ impl Incoming {
     /// The queue it was consumed from.
     pub fn queue(&self) -> &str {
         &self.queue
+    }
+
+    /// Its AMQP properties and headers.
+    pub(crate) fn properties(&self) -> &lapin::BasicProperties {
+        &self.delivery.properties
+    }
+
+    /// Its body (empty once a taskmill decode moved it into the envelope).
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.delivery.data
     }
 
     /// Whether the broker delivered it before (to this or another consumer).
@@ -242,36 +305,26 @@ impl Incoming {
     /// A copy of this delivery (body, properties, headers) with `overrides`
     /// set, that becomes ready again in its queue after `delay`, through the
     /// delay ladder: how a Celery task is deferred or retried as a Celery
-    /// message. Fails only for a delay beyond [`taskmill_core::wire::MAX_DELAY`].
+    /// message. Copied headers are bounded (see [`taskmill_core::bounds`]). Fails
+    /// only for a delay beyond [`taskmill_core::wire::MAX_DELAY`].
     pub fn delayed_copy(
         &self,
         overrides: &[(&'static str, taskmill_core::HeaderValue)],
         delay: std::time::Duration,
     ) -> Result<Outgoing, String> {
-        let (exchange, routing_key) = taskmill_core::wire::delay_route(&self.queue, delay)?;
-        let mut headers = self
-            .delivery
-            .properties
-            .headers()
-            .clone()
-            .unwrap_or_default();
-        for (k, v) in overrides {
-            headers.insert(ShortString::from(*k), convert::to_amqp(v));
-        }
-        let properties = without_expiration(&self.delivery.properties)
-            .with_headers(headers)
-            .with_delivery_mode(2);
-        Ok(Outgoing {
-            exchange,
-            routing_key,
-            properties,
-            body: self.delivery.data.clone(),
-        })
+        delayed_copy_of(
+            &self.delivery.properties,
+            &self.delivery.data,
+            &self.queue,
+            overrides,
+            delay,
+        )
     }
 
     /// A copy of this delivery for `Q.dead`: original body, properties and
-    /// headers, plus the reason headers. `body` is the payload when the caller
-    /// took it out by decoding; `None` uses the delivery's own body.
+    /// (bounded) headers, plus the dead-letter headers of a [`DeadLetter`]
+    /// written now by `worker_id`, and `extra`. `body` is the payload when
+    /// the caller took it out by decoding; `None` uses the delivery's own body.
     pub fn dead_letter(
         &self,
         reason: DeadReason,
@@ -280,34 +333,38 @@ impl Incoming {
         body: Option<&[u8]>,
         extra: &[(&'static str, taskmill_core::HeaderValue)],
     ) -> Outgoing {
-        let mut headers = self
-            .delivery
-            .properties
-            .headers()
-            .clone()
-            .unwrap_or_default();
-        let s = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes()));
-        headers.insert(ShortString::from(H_DEAD_REASON), s(reason.as_str()));
-        headers.insert(ShortString::from(H_DEAD_ERROR), s(error));
-        headers.insert(ShortString::from(H_DEAD_QUEUE), s(&self.queue));
-        headers.insert(ShortString::from(H_DEAD_WORKER), s(worker_id));
-        let now_ms = i64::try_from(taskmill_core::wire::now_us() / 1000).unwrap_or(i64::MAX);
-        headers.insert(
-            ShortString::from(H_DEAD_AT_MS),
-            AMQPValue::LongLongInt(now_ms),
+        let mut dl = DeadLetter::new(
+            reason,
+            error,
+            &self.queue,
+            worker_id,
+            crate::system::now_ms(),
         );
-        for (k, v) in extra {
-            headers.insert(ShortString::from(*k), convert::to_amqp(v));
-        }
-        let properties = without_expiration(&self.delivery.properties)
-            .with_headers(headers)
-            .with_delivery_mode(2);
-        Outgoing {
-            exchange: EXCHANGE.to_string(),
-            routing_key: dead_queue_name(&self.queue),
-            properties,
-            body: body.unwrap_or(&self.delivery.data).to_vec(),
-        }
+        let headers = self.delivery.properties.headers().as_ref();
+        dl.attempts = attempts_of(headers);
+        dl.first_failed_at_ms = extra.iter().find_map(|(k, v)| match v {
+            taskmill_core::HeaderValue::Int(ms) if *k == H_FIRST_FAILED_AT_MS => {
+                u64::try_from(*ms).ok()
+            }
+            _ => None,
+        });
+        self.dead_letter_copy(&dl, body, extra)
+    }
+
+    /// [`Incoming::dead_letter`] with the dead letter's record given.
+    pub fn dead_letter_copy(
+        &self,
+        dl: &DeadLetter,
+        body: Option<&[u8]>,
+        extra: &[(&'static str, taskmill_core::HeaderValue)],
+    ) -> Outgoing {
+        dead_letter_of(
+            &self.delivery.properties,
+            body.unwrap_or(&self.delivery.data),
+            &self.queue,
+            dl,
+            extra,
+        )
     }
 
     /// Acknowledges the delivery: the broker forgets the message. The ack is
@@ -339,6 +396,96 @@ impl Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::{AMQPValue, LongString, ShortString};
+    use taskmill_core::HeaderValue;
+    use taskmill_core::bounds::{H_DROPPED_HEADERS, MAX_COPY_HEADER_BYTES};
+
+    /// A Celery task message whose `eta` is 70 KB: more than half the
+    /// broker's default frame_max on its own.
+    fn hostile_celery() -> lapin::BasicProperties {
+        let mut h = FieldTable::default();
+        let s = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes()));
+        h.insert(ShortString::from("task"), s("reports.render"));
+        h.insert(ShortString::from("id"), s("t-1"));
+        h.insert(ShortString::from("retries"), AMQPValue::LongLongInt(4));
+        h.insert(
+            ShortString::from("eta"),
+            s(&format!("2024-05-01T12:00:00.{}+00:00", "0".repeat(70_000))),
+        );
+        h.insert(ShortString::from("kwargsrepr"), s(&"k".repeat(60_000)));
+        lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_correlation_id("t-1".into())
+            .with_expiration("1000".into())
+            .with_headers(h)
+    }
+
+    fn header_bytes(out: &Outgoing) -> usize {
+        bounded::table_len(out.properties.headers().as_ref().unwrap().inner())
+    }
+
+    #[test]
+    fn dead_letter_copy_of_a_hostile_celery_message_is_bounded() {
+        let props = hostile_celery();
+        let mut dl = DeadLetter::new(
+            DeadReason::BadHeader,
+            &"why ".repeat(50_000),
+            "celery",
+            "w-1",
+            7,
+        );
+        dl.attempts = attempts_of(props.headers().as_ref());
+        let out = dead_letter_of(&props, b"[[], {}, {}]", "celery", &dl, &[]);
+        assert!(
+            header_bytes(&out) <= MAX_COPY_HEADER_BYTES,
+            "{}",
+            header_bytes(&out)
+        );
+        assert_eq!(out.routing_key, "celery.dead");
+        assert_eq!(out.properties.expiration(), &None);
+        let headers = out.properties.headers().as_ref();
+        let back = DeadLetter::from_headers(|n| convert::lookup(headers, n)).unwrap();
+        assert_eq!(back.reason, "bad_header");
+        assert_eq!(back.attempts, Some(5), "Celery retries + 1");
+        assert_eq!(back.queue.as_deref(), Some("celery"));
+        assert!(convert::lookup(headers, "task").is_some());
+    }
+
+    #[test]
+    fn retry_copy_of_a_hostile_celery_message_is_bounded() {
+        let props = hostile_celery();
+        let overrides = [
+            ("retries", HeaderValue::Int(5)),
+            (
+                "eta",
+                HeaderValue::Str("2024-05-01T12:00:02.000000+00:00".into()),
+            ),
+        ];
+        let out = delayed_copy_of(
+            &props,
+            b"[[], {}, {}]",
+            "celery",
+            &overrides,
+            std::time::Duration::from_secs(2),
+        )
+        .unwrap();
+        assert!(
+            header_bytes(&out) <= MAX_COPY_HEADER_BYTES,
+            "{}",
+            header_bytes(&out)
+        );
+        let headers = out.properties.headers().as_ref();
+        assert_eq!(
+            convert::lookup(headers, "eta"),
+            Some(HeaderValue::Str("2024-05-01T12:00:02.000000+00:00".into()))
+        );
+        assert_eq!(
+            convert::lookup(headers, "retries"),
+            Some(HeaderValue::Int(5))
+        );
+        assert!(convert::lookup(headers, H_DROPPED_HEADERS).is_none());
+        assert_eq!(out.properties.expiration(), &None);
+    }
 
     #[test]
     fn copies_keep_every_property_but_the_ttl() {

@@ -97,7 +97,15 @@ impl NewJob {
     /// A job whose payload is already JSON bytes (checked at enqueue).
     pub fn raw(kind: &str, payload_json: Vec<u8>) -> NewJob {
         NewJob {
-            env: Envelope::new(kind, DEFAULT_QUEUE, payload_json),
+            env: Envelope {
+                enqueued_at_us: Some(taskmill_broker::now_us()),
+                ..Envelope::new(
+                    taskmill_broker::new_job_id(),
+                    kind,
+                    DEFAULT_QUEUE,
+                    payload_json,
+                )
+            },
             delay: Duration::ZERO,
             json_checked: false,
         }
@@ -263,9 +271,10 @@ impl Client {
             .queue_depth(&env.queue)
             .await
             .map_err(|_| EnqueueError::NoSuchQueue(env.queue.clone()))?;
-        env.enqueued_at_us = Some(
-            taskmill_core::wire::now_us() + u64::try_from(delay.as_micros()).unwrap_or(u64::MAX),
-        );
+        env.enqueued_at_us = Some(taskmill_core::wire::deadline_us(
+            taskmill_broker::now_us(),
+            delay,
+        ));
         let msg = Outgoing::job_delayed(&env, delay).map_err(EnqueueError::Delay)?;
         Ok((id, msg))
     }

@@ -98,6 +98,14 @@ impl JobError {
         }
     }
 
+    /// The handler's hint for the earliest next attempt, if it gave one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            JobError::Retryable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// The dead-letter reason for a job that ends with this error.
     pub fn dead_reason(&self) -> DeadReason {
         match self {

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::wire::MAX_DELAY;
+
 /// How the computed backoff is randomised, to spread retries of many jobs
 /// that failed together (a dependency outage) instead of retrying in waves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,7 +72,22 @@ impl RetryPolicy {
             Jitter::Full => capped * r,
             Jitter::Equal => capped / 2.0 + capped / 2.0 * r,
         };
-        Duration::from_secs_f64(secs.max(0.0))
+        // f64 rounding can land just past the cap (or past Duration::MAX for
+        // a cap near it): saturate at the cap.
+        Duration::try_from_secs_f64(secs.max(0.0))
+            .unwrap_or(self.cap)
+            .min(self.cap)
+    }
+
+    /// The delay before the next attempt: the backoff, raised to the
+    /// handler's `retry_after` hint when there is one, and never beyond
+    /// [`MAX_DELAY`], the longest the delay ladder holds a message. Saturates
+    /// for any input (`retry_after` of `Duration::MAX` included).
+    pub fn next_delay(&self, attempt: u32, r: f64, retry_after: Option<Duration>) -> Duration {
+        let backoff = self.backoff(attempt, r);
+        retry_after
+            .map_or(backoff, |at_least| backoff.max(at_least))
+            .min(MAX_DELAY)
     }
 }
 
@@ -96,6 +113,17 @@ mod tests {
         assert_eq!(got, vec![1, 2, 4, 8, 16, 32, 60, 60]);
         assert!(p.allows_retry_after(4));
         assert!(!p.allows_retry_after(5));
+        let huge = RetryPolicy {
+            cap: Duration::MAX,
+            factor: f64::MAX,
+            ..p
+        };
+        assert_eq!(huge.backoff(u32::MAX, 0.5), Duration::MAX);
+        assert_eq!(huge.next_delay(3, 0.5, Some(Duration::MAX)), MAX_DELAY);
+        assert_eq!(
+            p.next_delay(1, 0.5, Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
     }
 
     proptest! {
@@ -107,6 +135,32 @@ mod tests {
             prop_assert!(none <= Duration::from_secs(60));
             prop_assert!(full <= none);
             prop_assert!(equal <= none && equal >= none / 2 - Duration::from_nanos(1));
+        }
+
+        #[test]
+        fn huge_settings_and_hints_saturate(
+            attempt in proptest::prelude::any::<u32>(),
+            r in proptest::prelude::any::<f64>(),
+            base_ms in proptest::prelude::any::<u64>(),
+            cap_secs in proptest::prelude::any::<u64>(),
+            factor in proptest::prelude::any::<f64>(),
+            hint_secs in proptest::option::of(proptest::prelude::any::<u64>()),
+        ) {
+            let p = RetryPolicy {
+                max_attempts: u32::MAX,
+                base: Duration::from_millis(base_ms),
+                factor,
+                cap: Duration::new(cap_secs, 999_999_999),
+                jitter: Jitter::Equal,
+            };
+            let b = p.backoff(attempt, r);
+            prop_assert!(b <= p.cap);
+            let hint = hint_secs.map(|s| Duration::new(s, 999_999_999));
+            let d = p.next_delay(attempt, r, hint);
+            prop_assert!(d <= MAX_DELAY);
+            if let Some(h) = hint {
+                prop_assert!(d >= h.min(MAX_DELAY));
+            }
         }
 
         #[test]

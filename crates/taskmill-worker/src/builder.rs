@@ -198,7 +198,7 @@ impl WorkerBuilder {
         if let Some(kind) = self.duplicate {
             return Err(WorkerError::DuplicateKind(kind));
         }
-        let worker_id = self.config.worker_id();
+        let worker_id = self.config.worker_id(taskmill_broker::default_worker_id);
         let mut config = self.config;
         let has_cpu = self.handlers.values().any(|h| matches!(h, Handler::Cpu));
         if has_cpu && !config.queues.contains(&config.cpu_queue) {
@@ -216,7 +216,7 @@ impl WorkerBuilder {
                 handlers: self.handlers,
                 observer: self.observer,
                 worker_id,
-                host: host_name(),
+                host: taskmill_broker::host_name(),
                 leases: Default::default(),
                 lease_timing: crate::leases::LeaseTiming::new(
                     Duration::from_millis(config.lease_ms),
@@ -231,15 +231,6 @@ impl WorkerBuilder {
             has_cpu,
         })
     }
-}
-
-/// The machine's host name (the pod name on Kubernetes), for the registry.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown".to_string())
 }
 
 /// A configured worker, ready to start.

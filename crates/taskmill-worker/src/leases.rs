@@ -125,7 +125,7 @@ pub(crate) fn worker_info(shared: &Shared, started_at_ms: i64) -> WorkerInfo {
 /// turns the store check not-ready (the leases then run out unless the next
 /// one gets through); lost leases are counted.
 pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let started_at_ms = i64::try_from(taskmill_core::wire::now_us() / 1000).unwrap_or(i64::MAX);
+    let started_at_ms = i64::try_from(taskmill_broker::now_us() / 1000).unwrap_or(i64::MAX);
     let timing = shared.lease_timing;
     let mut tick = tokio::time::interval(timing.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

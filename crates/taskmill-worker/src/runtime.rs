@@ -166,9 +166,10 @@ async fn run_session(
     let name = format!("taskmill worker {}", shared.worker_id);
     // Raced against shutdown: a broker that never answers must not hold
     // up SIGTERM.
+    let options = connect_options();
     let broker = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        b = Broker::connect_with(&shared.config.amqp_url, &name, &connect_options()) => b.map_err(SessionError::Start)?,
+        b = Broker::connect_with(&shared.config.amqp_url, &name, &options) => b.map_err(SessionError::Start)?,
     };
     tracing::info!(broker = %broker.info().version_text, "broker version");
     // The delay ladder first: work queues bind to its delivery exchange.
@@ -305,9 +306,10 @@ async fn watch_flow(
         if let Some(r) = &reason {
             tracing::warn!(reason = %r, "the broker blocked publishing; not ready until it unblocks");
         }
-        shared
-            .readiness
-            .fail_because("broker_flow", reason.map(|r| format!("broker blocked publishing: {r}")));
+        shared.readiness.fail_because(
+            "broker_flow",
+            reason.map(|r| format!("broker blocked publishing: {r}")),
+        );
         tokio::select! {
             _ = stop.cancelled() => break,
             changed = blocked.changed() => if changed.is_err() { break },

@@ -88,7 +88,7 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         .clone()
         .or_else(|| std::env::var_os("TASKMILL_CONFIG").map(PathBuf::from));
     let mut config = match &file {
-        Some(path) => Config::from_file(path)?,
+        Some(path) => read_config_file(path)?,
         None => Config::default(),
     };
     config.apply_env(std::env::vars())?;
@@ -96,6 +96,14 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         config.amqp_url = url.clone();
     }
     Ok(config)
+}
+
+/// Reads the TOML file at `path` and parses it. Core only parses (it does
+/// no IO); the errors still name the file, and for a bad key its line.
+fn read_config_file(path: &std::path::Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    Ok(Config::from_toml(&text, path)?)
 }
 
 fn apply_worker_flags(config: &mut Config, args: &WorkerArgs) {

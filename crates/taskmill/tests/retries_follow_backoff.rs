@@ -47,7 +47,7 @@ async fn start(test: &str, max_attempts: u32) -> Running {
     let cpu_queue = format!("{queue}-cpu");
     config.cpu_queue = cpu_queue.clone();
     config.cpu_processes = 1;
-    let worker_id = config.worker_id();
+    let worker_id = config.worker_id(taskmill_broker::default_worker_id);
     let (handle, shutdown, reports) =
         common::start_recording(config, Duration::from_secs(30)).await;
     Running {
@@ -198,7 +198,7 @@ async fn exhausted_attempts_go_to_dead_letter_with_headers() {
     let w = start("exhaust", 3).await;
     let client = Client::connect(&common::amqp_url()).await.unwrap();
     let payload = br#"{"times": 9}"#.to_vec();
-    let before_ms = taskmill_core::wire::now_us() / 1000;
+    let before_ms = taskmill_broker::now_ms();
     let id = client
         .enqueue(NewJob::raw("test.fail", payload.clone()).queue(&w.queue))
         .await

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
+use taskmill_broker::now_us;
 use taskmill_broker::{Incoming, Outgoing, PublishError};
 use taskmill_core::celery::{self, CeleryException, CeleryTask, ReplyTo, ResultStatus};
-use taskmill_core::wire::now_us;
 use taskmill_core::{DeadReason, Envelope, JobError};
 
 use super::decide::{Finding, Settlement};

@@ -25,14 +25,12 @@ pub(super) fn key_of(env: &Envelope, handler: &Handler) -> Option<String> {
         .or_else(|| matches!(handler, Handler::IoTx(_)).then(|| env.job_id.clone()))
 }
 
-/// Claims `key` for `lease`: the token, or the finding that settles the
-/// delivery without running it (duplicate, held elsewhere, store down).
-pub(super) async fn claim(
-    job: &Job<'_>,
-    key: &str,
-    lease: Duration,
-) -> Result<ClaimToken, Finding> {
+/// Claims `key` for one lease (the heartbeat renews it while the job runs):
+/// the token, or the finding that settles the delivery without running it
+/// (duplicate, held elsewhere, store down).
+pub(super) async fn claim(job: &Job<'_>, key: &str) -> Result<ClaimToken, Finding> {
     let shared = &job.session.shared;
+    let lease = shared.lease_timing.lease;
     let store = job.session.store();
     let env = &job.env;
     let mut forgot = false;

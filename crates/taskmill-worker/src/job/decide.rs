@@ -237,16 +237,10 @@ fn failed(err: &JobError, facts: Facts<'_>) -> Settlement {
             outcome: err.final_outcome(),
         };
     }
-    let mut delay = facts.policy.backoff(facts.attempt, facts.jitter);
-    if let JobError::Retryable {
-        retry_after: Some(at_least),
-        ..
-    } = err
-    {
-        delay = delay.max(*at_least);
-    }
     Settlement::Retry {
-        delay: delay.min(MAX_DELAY),
+        delay: facts
+            .policy
+            .next_delay(facts.attempt, facts.jitter, err.retry_after()),
     }
 }
 

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use taskmill_broker::Incoming;
-use taskmill_core::wire::now_us;
+use taskmill_broker::now_us;
 use taskmill_core::{DecodeError, Envelope, Outcome};
 use taskmill_telemetry::metrics::UNKNOWN_KIND;
 use taskmill_telemetry::traces::spans;

@@ -9,9 +9,10 @@
 
 use std::time::Duration;
 
+use taskmill_broker::now_us;
 use taskmill_broker::{Incoming, Outgoing};
 use taskmill_core::celery::ReplyTo;
-use taskmill_core::wire::{H_FIRST_FAILED_AT_MS, MAX_DELAY, now_us};
+use taskmill_core::wire::{H_FIRST_FAILED_AT_MS, MAX_DELAY, deadline_us};
 use taskmill_core::{DeadReason, Envelope, HeaderValue};
 use taskmill_telemetry::traces::spans::{self, Step};
 use tracing::Instrument;
@@ -120,8 +121,7 @@ fn celery_exception(wire: &Wire, finding: &Finding) -> Option<serde_json::Value>
 /// The copy of the job that runs `next` after `delay`, in the job's protocol.
 fn delayed_copy(job: &Job<'_>, mut next: Envelope, delay: Duration) -> Outgoing {
     next.payload = job.payload.to_vec();
-    next.enqueued_at_us =
-        Some(now_us().saturating_add(u64::try_from(delay.as_micros()).unwrap_or(u64::MAX)));
+    next.enqueued_at_us = Some(deadline_us(now_us(), delay));
     job.wire
         .delayed(&job.incoming, &next, delay.min(MAX_DELAY))
         .expect("a delay within the ladder's range always has a route")

@@ -4,10 +4,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use taskmill_broker::browse::{Browsed, XDeath};
-use taskmill_core::HeaderValue;
-use taskmill_core::wire::{
-    H_ATTEMPT, H_DEAD_AT_MS, H_DEAD_ERROR, H_DEAD_QUEUE, H_DEAD_REASON, H_DEAD_WORKER, H_KIND,
-};
+use taskmill_core::wire::{H_ATTEMPT, H_KIND};
+use taskmill_core::{DeadLetter, HeaderValue};
 
 /// Who dead-lettered a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,13 +75,24 @@ impl Entry {
             Some(HeaderValue::Int(n)) => Some(*n),
             _ => None,
         };
+        // The worker's record, read with the codec the worker wrote it with.
+        let dl = DeadLetter::from_headers(|name| get(name).cloned());
         let first = x_death.first();
-        let (reason, source) = match (string(H_DEAD_REASON), first) {
-            (Some(r), _) => (r, Source::Worker),
-            (None, Some(d)) => (d.reason.clone(), Source::Broker),
-            (None, None) => ("unknown".to_string(), Source::Unknown),
+        let source = match (&dl, first) {
+            (Some(_), _) => Source::Worker,
+            (None, Some(_)) => Source::Broker,
+            (None, None) => Source::Unknown,
         };
-        let error = string(H_DEAD_ERROR).or_else(|| {
+        let dl = dl.unwrap_or(DeadLetter {
+            reason: first.map_or_else(|| "unknown".to_string(), |d| d.reason.clone()),
+            detail: None,
+            queue: None,
+            worker: None,
+            dead_at_ms: None,
+            attempts: None,
+            first_failed_at_ms: None,
+        });
+        let error = dl.detail.or_else(|| {
             first.map(|d| {
                 format!(
                     "dead-lettered by the broker from `{}` ({}, {} time{})",
@@ -94,18 +103,22 @@ impl Entry {
                 )
             })
         });
-        let dead_at_ms = int(H_DEAD_AT_MS)
-            .and_then(|ms| u64::try_from(ms).ok())
+        let dead_at_ms = dl
+            .dead_at_ms
             .or_else(|| first.and_then(|d| d.time).map(|s| s.saturating_mul(1000)));
         Entry {
             id: message_id.map(str::to_string),
             kind: string(H_KIND),
-            reason,
+            reason: dl.reason,
             error,
-            queue: string(H_DEAD_QUEUE).or_else(|| first.map(|d| d.queue.clone())),
-            attempts: int(H_ATTEMPT).unwrap_or(1),
+            queue: dl.queue.or_else(|| first.map(|d| d.queue.clone())),
+            attempts: dl
+                .attempts
+                .map(i64::from)
+                .or_else(|| int(H_ATTEMPT))
+                .unwrap_or(1),
             dead_at_ms,
-            worker: string(H_DEAD_WORKER),
+            worker: dl.worker,
             source,
         }
     }
@@ -135,7 +148,7 @@ impl Entry {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
-    taskmill_core::wire::now_us() / 1000
+    taskmill_broker::now_ms()
 }
 
 /// A short age: `42s`, `7m3s`, `5h12m`, `3d4h`.
@@ -152,6 +165,8 @@ pub fn format_age(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use taskmill_core::DeadReason;
+    use taskmill_core::wire::{H_DEAD_AT_MS, H_DEAD_ERROR, H_DEAD_QUEUE, H_DEAD_REASON};
 
     fn h(name: &str, v: HeaderValue) -> (String, HeaderValue) {
         (name.to_string(), v)
@@ -179,6 +194,27 @@ mod tests {
         assert_eq!(j["id"], "j1");
         assert_eq!(j["age_s"], 60);
         assert_eq!(j["source"], "worker");
+    }
+
+    #[test]
+    fn reads_what_the_worker_codec_writes() {
+        let mut dl = DeadLetter::new(DeadReason::Timeout, "slow", "q", "w-9", 2_000);
+        dl.attempts = Some(4);
+        let headers: Vec<(String, HeaderValue)> = dl
+            .to_headers()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let e = Entry::from_parts(Some("j3"), &headers, &[]);
+        assert_eq!(e.source, Source::Worker);
+        assert_eq!(
+            (e.reason.as_str(), e.error.as_deref(), e.queue.as_deref()),
+            ("timeout", Some("slow"), Some("q"))
+        );
+        assert_eq!(
+            (e.attempts, e.dead_at_ms, e.worker.as_deref()),
+            (4, Some(2_000), Some("w-9"))
+        );
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! `taskmill dlq replay`.
+//! `taskmill dlq replay`: parses the arguments, runs
+//! [`taskmill_broker::dlq::replay`] (which holds the durability rule) and
+//! prints what it did.
 //!
 //! Each dead letter is published again to its work queue (exchange
 //! `taskmill`, routing key `Q`, mandatory, confirmed) with `taskmill-attempt`
-//! reset to 1, `taskmill-replay` set (a key recorded as failed may run again)
+//! reset to 1 (a Celery task: `retries` 0, no `eta` or `expires`),
+//! `taskmill-replay` set (a key recorded as failed may run again)
 //! and the dead-letter headers removed; only once the broker confirmed that
 //! copy is the dead letter acked (removed). An unroutable or refused publish
 //! stops the replay with an error and leaves the dead letter where it was.
@@ -29,15 +32,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{ArgGroup, Args};
-use taskmill_broker::browse::{Browsed, Browser};
-use taskmill_broker::{PendingConfirm, Publisher};
+use taskmill_broker::dlq::{Replay, replay};
 use taskmill_core::config::Config;
-use taskmill_core::wire::H_KIND;
 
 use super::{DEFAULT_SCAN_LIMIT, QueueArg};
-
-/// Replays published before their confirms are awaited.
-const BATCH: usize = 100;
 
 /// Arguments of `taskmill dlq replay`.
 #[derive(Debug, Args)]
@@ -60,17 +58,6 @@ pub struct ReplayArgs {
     limit: Option<usize>,
 }
 
-/// What a replay did.
-#[derive(Debug, Default)]
-struct Tally {
-    looked: usize,
-    replayed: usize,
-    skipped: usize,
-    found: bool,
-    interrupted: bool,
-    error: Option<anyhow::Error>,
-}
-
 /// Replays dead letters; see the module docs for the guarantees.
 pub async fn run(config: &Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let broker = super::connect(config).await?;
@@ -82,7 +69,13 @@ pub async fn run(config: &Config, args: ReplayArgs) -> anyhow::Result<ExitCode> 
         None => args.limit.map_or(ready, |n| n.min(ready)),
     };
     let stop = interrupt_flag();
-    let tally = replay(&mut browser, &publisher, &args, bound, &stop).await;
+    let what = Replay {
+        queue: args.queue.queue.clone(),
+        id: args.id.clone(),
+        kind: args.kind.clone(),
+        bound,
+    };
+    let tally = replay(&mut browser, &publisher, &what, &stop).await;
     super::finish(browser, &broker).await;
 
     let dead = args.queue.dead();
@@ -94,7 +87,7 @@ pub async fn run(config: &Config, args: ReplayArgs) -> anyhow::Result<ExitCode> 
                 tally.replayed
             );
         }
-        return Err(e);
+        return Err(e.into());
     }
     if let Some(id) = &args.id {
         if !tally.found {
@@ -128,99 +121,6 @@ pub async fn run(config: &Config, args: ReplayArgs) -> anyhow::Result<ExitCode> 
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn wanted(msg: &Browsed, args: &ReplayArgs) -> bool {
-    if let Some(id) = &args.id
-        && msg.message_id() != Some(id.as_str())
-    {
-        return false;
-    }
-    match &args.kind {
-        Some(k) => msg.header_str(H_KIND).as_deref() == Some(k.as_str()),
-        None => true,
-    }
-}
-
-async fn replay(
-    browser: &mut Browser,
-    publisher: &Publisher,
-    args: &ReplayArgs,
-    bound: usize,
-    stop: &AtomicBool,
-) -> Tally {
-    let queue = args.queue.queue.as_str();
-    let mut t = Tally::default();
-    loop {
-        // Take up to BATCH wanted messages and publish their replacements.
-        let mut batch: Vec<(Browsed, PendingConfirm)> = Vec::new();
-        let mut exhausted = false;
-        while batch.len() < BATCH && t.error.is_none() {
-            if stop.load(Ordering::SeqCst) {
-                t.interrupted = true;
-                break;
-            }
-            if t.looked >= bound || t.found {
-                exhausted = true;
-                break;
-            }
-            let msg = match browser.next().await {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    exhausted = true;
-                    break;
-                }
-                Err(e) => {
-                    t.error = Some(anyhow::Error::new(e).context("reading the dead-letter queue"));
-                    break;
-                }
-            };
-            t.looked += 1;
-            if !wanted(&msg, args) {
-                // Held until requeue_all returns it, in order.
-                t.skipped += 1;
-                continue;
-            }
-            if args.id.is_some() {
-                t.found = true;
-            }
-            match publisher.send(&msg.replay_to(queue)).await {
-                Ok(pending) => batch.push((msg, pending)),
-                Err(e) => t.error = Some(publish_error(e, &msg, queue)),
-            }
-        }
-        // Settle the batch: ack exactly the dead letters whose replacement
-        // the broker confirmed; the others stay held and are returned.
-        let mut confirmed = Vec::with_capacity(batch.len());
-        for (msg, pending) in batch {
-            match pending.wait().await {
-                Ok(()) => confirmed.push(msg),
-                Err(e) => {
-                    let err = publish_error(e, &msg, queue);
-                    t.error.get_or_insert(err);
-                }
-            }
-        }
-        let n = confirmed.len();
-        match browser.ack_many(confirmed).await {
-            Ok(()) => t.replayed += n,
-            Err(e) => {
-                t.error = Some(anyhow::Error::new(e).context(format!(
-                    "{n} job(s) were replayed to {queue} but their dead letters could not be removed; they stay in the DLQ (replaying them again runs them twice unless they have an idempotency key)"
-                )));
-            }
-        }
-        if exhausted || t.interrupted || t.error.is_some() {
-            return t;
-        }
-    }
-}
-
-fn publish_error(e: taskmill_broker::PublishError, msg: &Browsed, queue: &str) -> anyhow::Error {
-    anyhow::Error::new(e).context(format!(
-        "replaying job {} to queue `{queue}` failed; its dead letter stays in the DLQ",
-        msg.message_id().unwrap_or("(no id)")
-    ))
 }
 
 /// Set on the first Ctrl-C; a second one exits at once (the broker returns

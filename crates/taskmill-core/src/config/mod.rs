@@ -6,6 +6,9 @@
 //! the file are errors naming the key and its line; unknown `TASKMILL_*`
 //! variables are errors too, so a typo never silently falls back to a default.
 //! `docs/configuration.md` documents every key.
+//!
+//! Layout: here the types, the file's parsing and the checks; `env`
+//! holds the `TASKMILL_*` variable table and its application.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,6 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::redact::redact_url;
 use crate::retry::{Jitter, RetryPolicy};
 use crate::wire::DEFAULT_QUEUE;
+
+mod env;
+
+pub use env::{OTHER_ENV, env_keys};
 
 /// The type of the work queues the worker declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +153,18 @@ pub struct Config {
     /// Readiness turns false when a queue has ready messages, none of its
     /// jobs runs and nothing was delivered for this long (0: off).
     pub consume_watchdog_ms: u64,
+    /// The lease a claim on an idempotency key takes, in milliseconds; the
+    /// worker renews it on every heartbeat while the job runs, so a worker
+    /// that dies loses its keys within this long.
+    pub lease_ms: u64,
+    /// Time between heartbeats, in milliseconds: each renews every lease the
+    /// worker holds and its registry row, in one store call. The worker
+    /// counts as dead after three missed heartbeats.
+    pub heartbeat_ms: u64,
+    /// The broker's consumer timeout (RabbitMQ's `consumer_timeout`, 30 min
+    /// by default), in milliseconds: a job whose timeout may outlast it is
+    /// parked in the store and acked before it runs (0: never ack early).
+    pub broker_consumer_timeout_ms: u64,
     /// Largest accepted payload; larger jobs are refused at enqueue and
     /// dead-lettered at consume.
     pub max_payload_bytes: usize,
@@ -210,6 +229,9 @@ impl Default for Config {
             store_retention_hours: 24 * 7,
             cpu_queue: "cpu".to_string(),
             consume_watchdog_ms: 60_000,
+            lease_ms: 15_000,
+            heartbeat_ms: 2_000,
+            broker_consumer_timeout_ms: 1_800_000,
             max_payload_bytes: 1024 * 1024,
             delivery_limit: 20,
             data_dir: PathBuf::from("data"),
@@ -232,14 +254,6 @@ impl Default for Config {
 /// A configuration that cannot be used, with the key (and line) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The IO error.
-        source: std::io::Error,
-    },
     /// The file is not valid TOML or has an unknown key or a wrong type; the
     /// message names the key, line and column.
     #[error("config file {path}: {message}")]
@@ -275,210 +289,14 @@ pub enum ConfigError {
     },
 }
 
-type EnvSetter = fn(&mut Config, &str) -> Result<(), String>;
-
-fn parse<T: std::str::FromStr>(v: &str) -> Result<T, String>
-where
-    T::Err: std::fmt::Display,
-{
-    v.trim()
-        .parse::<T>()
-        .map_err(|e| format!("invalid value `{v}`: {e}"))
-}
-
-/// The `TASKMILL_*` variables that set configuration keys, with their setters.
-const ENV_KEYS: &[(&str, EnvSetter)] = &[
-    ("TASKMILL_AMQP_URL", |c, v| {
-        c.amqp_url = v.to_string();
-        Ok(())
-    }),
-    ("TASKMILL_HTTP_ADDR", |c, v| {
-        c.http_addr = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_QUEUES", |c, v| {
-        c.queues = split_list(v);
-        Ok(())
-    }),
-    ("TASKMILL_CELERY_QUEUES", |c, v| {
-        c.celery_queues = split_list(v);
-        Ok(())
-    }),
-    ("TASKMILL_QUEUE_TYPE", |c, v| {
-        c.queue_type = v.parse()?;
-        Ok(())
-    }),
-    ("TASKMILL_PREFETCH", |c, v| {
-        c.prefetch = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_CONCURRENCY", |c, v| {
-        c.concurrency = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_SHUTDOWN_GRACE_MS", |c, v| {
-        c.shutdown_grace_ms = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_JOB_TIMEOUT_MS", |c, v| {
-        c.job_timeout_ms = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_MAX_ATTEMPTS", |c, v| {
-        c.max_attempts = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_BACKOFF_BASE_MS", |c, v| {
-        c.backoff_base_ms = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_BACKOFF_FACTOR", |c, v| {
-        c.backoff_factor = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_JITTER", |c, v| {
-        c.jitter = v.parse()?;
-        Ok(())
-    }),
-    ("TASKMILL_BACKOFF_MAX_MS", |c, v| {
-        c.backoff_max_ms = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_STORE_RETENTION_HOURS", |c, v| {
-        c.store_retention_hours = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_CPU_QUEUE", |c, v| {
-        c.cpu_queue = v.to_string();
-        Ok(())
-    }),
-    ("TASKMILL_CONSUME_WATCHDOG_MS", |c, v| {
-        c.consume_watchdog_ms = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_MAX_PAYLOAD_BYTES", |c, v| {
-        c.max_payload_bytes = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_DELIVERY_LIMIT", |c, v| {
-        c.delivery_limit = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_DATA_DIR", |c, v| {
-        c.data_dir = PathBuf::from(v);
-        Ok(())
-    }),
-    ("TASKMILL_STORE_URL", |c, v| {
-        c.store_url = Some(v.to_string());
-        Ok(())
-    }),
-    ("TASKMILL_CPU_PROCESSES", |c, v| {
-        c.cpu_processes = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_CPU_RAYON_THREADS", |c, v| {
-        c.cpu_rayon_threads = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_CPU_MAX_JOBS_PER_CHILD", |c, v| {
-        c.cpu_max_jobs_per_child = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_CPU_MAX_RSS_MB", |c, v| {
-        c.cpu_max_rss_mb = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_CPU_ADDRESS_SPACE_MB", |c, v| {
-        c.cpu_address_space_mb = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_DIAGNOSTIC_KINDS", |c, v| {
-        c.diagnostic_kinds = parse(v)?;
-        Ok(())
-    }),
-    ("TASKMILL_WORKER_ID", |c, v| {
-        c.worker_id = Some(v.to_string());
-        Ok(())
-    }),
-    ("TASKMILL_LOG_FORMAT", |c, v| {
-        c.log_format = v.parse()?;
-        Ok(())
-    }),
-    ("TASKMILL_LOG_LEVEL", |c, v| {
-        c.log_level = v.to_string();
-        Ok(())
-    }),
-];
-
-/// `TASKMILL_*` variables that are read elsewhere and are not config keys.
-pub const OTHER_ENV: &[&str] = &[
-    // The config file path itself.
-    "TASKMILL_CONFIG",
-    // Set by the worker for its CPU child processes.
-    "TASKMILL_CPU_CHILD",
-    "TASKMILL_CPU_MAX_FRAME_BYTES",
-    // Read by the telemetry crate: which spans are exported.
-    "TASKMILL_TRACE_FILTER",
-    // Read by the diagnostic kind `test.effect`.
-    "TASKMILL_EFFECTS_FILE",
-    // Read by `taskmill bench celery`: the Python interpreter with Celery.
-    "TASKMILL_BENCH_PYTHON",
-];
-
-/// Every environment variable that sets a configuration key, in documentation order.
-pub fn env_keys() -> impl Iterator<Item = &'static str> {
-    ENV_KEYS.iter().map(|(name, _)| *name)
-}
-
-fn split_list(v: &str) -> Vec<String> {
-    v.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
 impl Config {
-    /// Parses a TOML document. Errors name the key and its line.
+    /// Parses a TOML document read from `path` (the caller reads the file;
+    /// `path` only names it in errors). Errors name the file, key and line.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })
-    }
-
-    /// Reads and parses a TOML file.
-    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::from_toml(&text, path)
-    }
-
-    /// Applies `TASKMILL_*` variables from `vars` over this configuration.
-    pub fn apply_env(
-        &mut self,
-        vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<(), ConfigError> {
-        for (name, value) in vars {
-            if !name.starts_with("TASKMILL_") {
-                continue;
-            }
-            if let Some((_, set)) = ENV_KEYS.iter().find(|(n, _)| *n == name) {
-                set(self, &value).map_err(|message| ConfigError::Env {
-                    var: name.clone(),
-                    message,
-                })?;
-            } else if !OTHER_ENV.contains(&name.as_str()) {
-                let known: Vec<&str> = env_keys().chain(OTHER_ENV.iter().copied()).collect();
-                return Err(ConfigError::UnknownEnv {
-                    var: name,
-                    known: known.join(", "),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Checks values that parse but make no sense.
@@ -516,6 +334,18 @@ impl Config {
         }
         if self.concurrency == 0 {
             return Err(invalid("concurrency", "must be at least 1".into()));
+        }
+        if self.heartbeat_ms == 0 {
+            return Err(invalid("heartbeat_ms", "must be at least 1".into()));
+        }
+        if self.lease_ms < self.heartbeat_ms.saturating_mul(2) {
+            return Err(invalid(
+                "lease_ms",
+                format!(
+                    "must be at least twice heartbeat_ms ({} ms), or one late heartbeat loses every lease",
+                    self.heartbeat_ms
+                ),
+            ));
         }
         for (name, q) in &self.queue {
             if q.concurrency == Some(0) {
@@ -635,14 +465,10 @@ impl Config {
         }
     }
 
-    /// The worker id: configured, or `hostname-pid`.
-    pub fn worker_id(&self) -> String {
-        self.worker_id.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "worker".to_string());
-            format!("{host}-{}", std::process::id())
-        })
+    /// The worker id: configured, or `default()` (the caller reads the host
+    /// name and pid, e.g. `taskmill_broker::default_worker_id`).
+    pub fn worker_id(&self, default: impl FnOnce() -> String) -> String {
+        self.worker_id.clone().unwrap_or_else(default)
     }
 
     /// The configuration as TOML with every secret redacted.

@@ -1,0 +1,59 @@
+//! What the process environment supplies: the wall clock, fresh job ids and
+//! the host name. `taskmill-core` is pure and takes these as arguments; they
+//! live here because every crate that needs them (worker, client, binary)
+//! already depends on this one, the crate that does IO.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Microseconds since the Unix epoch, now (0 if the clock is before 1970).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    now_us() / 1000
+}
+
+/// A fresh job id: a random UUIDv4 in its hyphenated form.
+pub fn new_job_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The default worker id, `hostname-pid`, for a worker whose configuration
+/// names none (see [`taskmill_core::config::Config::worker_id`]).
+pub fn default_worker_id() -> String {
+    format!("{}-{}", host_name(), std::process::id())
+}
+
+/// The machine's host name (the pod name on Kubernetes), `worker` when the
+/// kernel does not say.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_are_fresh_uuids() {
+        let (a, b) = (new_job_id(), new_job_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert!(uuid::Uuid::parse_str(&a).is_ok());
+    }
+
+    #[test]
+    fn clock_is_after_2020_and_worker_id_names_the_pid() {
+        assert!(now_us() > 1_577_836_800_000_000);
+        assert!(default_worker_id().ends_with(&format!("-{}", std::process::id())));
+    }
+}
