@@ -38,7 +38,7 @@ pub struct Metrics {
     /// gone); the broker redelivers those messages.
     pub ack_failures_total: IntCounter,
     /// `taskmill_store_errors_total{operation}`: store calls that failed
-    /// (claim, complete, release, fail, heartbeat); each is handled (deferred,
+    /// (claim, complete, release, fail, heartbeat, park, sweep); each is handled (deferred,
     /// retried or left to the lease), never ignored.
     pub store_errors_total: IntCounterVec,
     /// `taskmill_leases_lost_total`: running jobs whose idempotency lease
@@ -47,7 +47,15 @@ pub struct Metrics {
 }
 
 /// The `operation` label values of `taskmill_store_errors_total`.
-pub const STORE_OPERATIONS: &[&str] = &["claim", "complete", "release", "fail", "heartbeat"];
+pub const STORE_OPERATIONS: &[&str] = &[
+    "claim",
+    "complete",
+    "release",
+    "fail",
+    "heartbeat",
+    "park",
+    "sweep",
+];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

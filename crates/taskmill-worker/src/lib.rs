@@ -12,6 +12,7 @@
 //! - `job/`: the life of one delivery, one file per stage, around the pure
 //!   `job::decide` (finding -> settlement).
 //! - `leases`: heartbeat leases on claimed keys and the worker's registry row.
+//! - `sweep`: republishes long jobs parked by a worker that died.
 //! - `shared`: the state every task shares (`Shared`, `Session`), [`JobReport`].
 //! - [`signal`]: SIGTERM/SIGINT as a cancellation.
 //!
@@ -44,6 +45,7 @@ mod leases;
 mod runtime;
 mod shared;
 pub mod signal;
+mod sweep;
 mod watchdog;
 
 pub use builder::{Worker, WorkerBuilder, WorkerError, WorkerHandle};

@@ -208,6 +208,7 @@ async fn run_session(
     // alarm) makes the worker not ready, with the broker's reason, until it
     // unblocks; consumers and acks go on on their own connection.
     tokio::spawn(watch_flow(broker.blocked(), shared.clone(), stop.clone()));
+    tokio::spawn(crate::sweep::sweep_orphans(session.clone(), stop.clone()));
     let tracker = TaskTracker::new();
     let mut loops = JoinSet::new();
     for q in &shared.config.queues {

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use taskmill_core::{DeadReason, Envelope, JobError};
-use taskmill_store::{Claim, ClaimToken, IdempotencyStore, StoreError};
+use taskmill_store::{Claim, ClaimToken, IdempotencyStore, Parked, StoreError};
 
 use super::Job;
 use super::celery::CELERY_EXCEPTION;
@@ -18,11 +18,46 @@ use super::events::StoreWriteFailed;
 use crate::handler::Handler;
 
 /// The key a job is claimed under: its idempotency key; a transactional job
-/// without one is keyed by its job id (its writes must commit once).
-pub(super) fn key_of(env: &Envelope, handler: &Handler) -> Option<String> {
+/// (its writes must commit once) or a job acked early (the store is its
+/// record) without one is keyed by its job id.
+pub(super) fn key_of(env: &Envelope, handler: &Handler, acks_early: bool) -> Option<String> {
     env.idempotency_key
         .clone()
-        .or_else(|| matches!(handler, Handler::IoTx(_)).then(|| env.job_id.clone()))
+        .or_else(|| (acks_early || matches!(handler, Handler::IoTx(_))).then(|| env.job_id.clone()))
+}
+
+/// Parks the delivery's message with the job's claim, so the job survives
+/// the early ack of its delivery: if this worker dies, a live worker's
+/// sweeper republishes it (`runtime::sweep_orphans`).
+pub(super) async fn park(job: &Job<'_>) -> Result<(), Finding> {
+    let shared = &job.session.shared;
+    let token = job
+        .token
+        .as_ref()
+        .expect("a job acked early is always claimed")
+        .token();
+    let parked = Parked {
+        queue: job.info.queue.clone(),
+        message: job.incoming.parked(job.wire.dead_body(&job.payload)),
+    };
+    match job.session.store().park(token, &parked).await {
+        Ok(()) => Ok(()),
+        Err(e @ StoreError::InvalidInput { .. }) => Err(Finding::Refused {
+            reason: DeadReason::PayloadTooLarge,
+            detail: format!("cannot park the long job in the store: {e}"),
+        }),
+        Err(e) => {
+            StoreWriteFailed {
+                key: &token.key,
+                what: "park",
+                error: &e,
+            }
+            .emit(shared);
+            Err(Finding::StoreUnavailable {
+                error: e.to_string(),
+            })
+        }
+    }
 }
 
 /// Claims `key` for one lease (the heartbeat renews it while the job runs):

@@ -175,9 +175,13 @@ impl Settlement {
         }
     }
 
-    /// What happens to a claimed key before the settlement is carried out.
-    pub(crate) fn store_effect(&self) -> StoreEffect {
+    /// What happens to a claimed key as the settlement is carried out. A
+    /// job acked early (parked in the store) that shutdown stopped keeps its
+    /// claim and parked copy: the sweeper of a live worker republishes it
+    /// once this worker is gone (releasing would drop the only copy).
+    pub(crate) fn store_effect(&self, acked_early: bool) -> StoreEffect {
         match self {
+            Settlement::LeaveUnacked if acked_early => StoreEffect::None,
             // Another attempt (here or on another worker) must be able to claim it.
             Settlement::Retry { .. } | Settlement::LeaveUnacked => StoreEffect::Release,
             Settlement::DeadLetter { .. } => StoreEffect::Fail,
@@ -186,6 +190,27 @@ impl Settlement {
             Settlement::Ack { .. } | Settlement::Defer { .. } => StoreEffect::None,
         }
     }
+}
+
+/// Whether the store effect comes before the copy is published. For a
+/// delivery still unacked, first: a released key is claimable by the time its
+/// retry copy arrives. For a job acked early, after: its parked copy is the
+/// only record of the job until the retry or dead-letter copy is confirmed.
+pub(crate) fn store_effect_first(acked_early: bool) -> bool {
+    !acked_early
+}
+
+/// Whether a job with this hard `timeout` is acked before it runs (parked in
+/// the store first), because its delivery could otherwise stay unacked past
+/// the broker's `consumer_timeout` and get its channel closed. The margin
+/// covers the claim, the hand-off and the settlement: a minute, or a tenth
+/// of a short consumer timeout. `consumer_timeout` zero: never.
+pub(crate) fn acks_early(timeout: Duration, consumer_timeout: Duration) -> bool {
+    if consumer_timeout.is_zero() {
+        return false;
+    }
+    let margin = (consumer_timeout / 10).min(Duration::from_secs(60));
+    timeout.saturating_add(margin) >= consumer_timeout
 }
 
 /// What the store is told about a claimed key as a delivery settles.
@@ -531,9 +556,37 @@ mod tests {
             (Settlement::LeaveUnacked, Release),
         ];
         for (s, effect) in cases {
-            assert_eq!(s.store_effect(), effect, "{s:?}");
+            assert_eq!(s.store_effect(false), effect, "{s:?}");
         }
         assert_eq!(Settlement::LeaveUnacked.outcome(), Option::None);
+        // A parked job stopped by shutdown keeps its claim for the sweeper.
+        assert_eq!(Settlement::LeaveUnacked.store_effect(true), None);
+        assert_eq!(
+            Settlement::Retry {
+                delay: Duration::ZERO
+            }
+            .store_effect(true),
+            Release
+        );
+        assert!(store_effect_first(false));
+        assert!(!store_effect_first(true));
+    }
+
+    #[test]
+    fn long_jobs_ack_early() {
+        let min = Duration::from_secs(60);
+        let thirty = 30 * min;
+        assert!(!acks_early(Duration::from_secs(300), thirty));
+        assert!(!acks_early(28 * min, thirty));
+        assert!(acks_early(29 * min, thirty));
+        assert!(acks_early(2 * 60 * min, thirty));
+        // A lowered consumer timeout (5 s, as in the tests): 10 % margin.
+        let five = Duration::from_secs(5);
+        assert!(!acks_early(Duration::from_secs(4), five));
+        assert!(acks_early(Duration::from_millis(4_600), five));
+        assert!(acks_early(Duration::from_secs(15), five));
+        // Off.
+        assert!(!acks_early(Duration::MAX, Duration::ZERO));
     }
 
     fn any_error() -> impl Strategy<Value = JobError> {

@@ -80,6 +80,9 @@ pub(crate) struct Job<'s> {
     /// The claim on the job's key, once taken, kept alive by the heartbeat
     /// until the job settles.
     token: Option<LeaseHold>,
+    /// The delivery was acked before the run, its message parked with the
+    /// claim in the store (a job that may outlast the consumer timeout).
+    acked_early: bool,
 }
 
 /// Handles one delivery from its decode to its settlement.
@@ -122,6 +125,7 @@ pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
                 payload,
                 info,
                 token: None,
+                acked_early: false,
             };
             pipeline(job).instrument(span).await;
         }
@@ -152,12 +156,27 @@ async fn pipeline(mut job: Job<'_>) {
         }
         .emit(shared);
     }
-    if let Some(key) = claim::key_of(&job.env, &handler) {
+    let early = decide::acks_early(
+        timeout,
+        Duration::from_millis(shared.config.broker_consumer_timeout_ms),
+    );
+    if let Some(key) = claim::key_of(&job.env, &handler, early) {
         match Box::pin(claim::claim(&job, &key)).await {
             Ok(token) => job.token = Some(shared.leases.hold(token)),
             Err(finding) => {
                 return Box::pin(settle::settle(job, finding, Duration::ZERO)).await;
             }
+        }
+    }
+    if early {
+        // The store holds the job from here on; the broker may forget it.
+        if let Err(finding) = Box::pin(claim::park(&job)).await {
+            return Box::pin(settle::settle(job, finding, Duration::ZERO)).await;
+        }
+        job.acked_early = true;
+        if let Err(e) = job.incoming.ack().await {
+            // Redelivered meanwhile: that copy finds the key held and waits.
+            tracing::warn!(job_id = %job.env.job_id, error = %e, "early ack failed; the redelivery waits for this run");
         }
     }
     let start = Instant::now();
@@ -228,7 +247,11 @@ async fn refuse(session: &Session, incoming: Incoming, queue: String, e: DecodeE
         body: None,
         extra: &[],
     };
-    settle::dead_letter(session, &incoming, letter, reply, report)
-        .instrument(span)
-        .await;
+    async {
+        if settle::dead_letter(session, &incoming, letter).await {
+            settle::finish(session, Some(&incoming), reply, report).await;
+        }
+    }
+    .instrument(span)
+    .await;
 }

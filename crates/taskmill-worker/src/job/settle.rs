@@ -20,7 +20,7 @@ use tracing::Instrument;
 use super::Job;
 use super::celery::{Notice, Wire};
 use super::claim;
-use super::decide::{Facts, Finding, Settlement, StoreEffect, decide};
+use super::decide::{Facts, Finding, Settlement, StoreEffect, decide, store_effect_first};
 use super::events::{AckFailed, Confirmed, DeadLettered, Decided, Finished, outcome_of};
 use crate::shared::{JobReport, Session};
 
@@ -48,15 +48,10 @@ pub(super) async fn settle(job: Job<'_>, finding: Finding, run_time: Duration) {
         detail: detail.as_deref(),
     }
     .emit();
-    let celery_exc = celery_exception(&job.wire, &finding);
-    if let Some(token) = job.token.as_ref().map(|h| h.token()) {
-        match (settlement.store_effect(), &finding, &settlement) {
-            (StoreEffect::Release, ..) => claim::release(&job, token).await,
-            (StoreEffect::Fail, Finding::Failed(err), Settlement::DeadLetter { reason, .. }) => {
-                claim::record_failure(&job, token, *reason, err, celery_exc).await;
-            }
-            _ => {}
-        }
+    let effect = settlement.store_effect(job.acked_early);
+    let effect_first = store_effect_first(job.acked_early);
+    if effect_first {
+        apply(&job, effect, &finding, &settlement).await;
     }
     let reply = job.wire.reply_to().and_then(|to| {
         Notice::for_settlement(&finding, &settlement, &job.env.kind, detail.as_deref())
@@ -66,23 +61,20 @@ pub(super) async fn settle(job: Job<'_>, finding: Finding, run_time: Duration) {
         .info
         .report(outcome_of(&settlement), run_time, detail.clone());
     let session = job.session;
-    match settlement {
-        Settlement::Ack { .. } => finish(session, &job.incoming, reply, report).await,
+    // The copy this settlement needs, confirmed by the broker.
+    let copied = match settlement {
+        Settlement::Ack { .. } => true,
         Settlement::Retry { delay } => {
             let mut next = job.env.clone();
             next.attempt += 1;
             next.first_failed_at_ms.get_or_insert(now_us() / 1000);
             next.replay = false;
             let copy = delayed_copy(&job, next, delay);
-            if publish(session, &copy, Step::Retry).await {
-                finish(session, &job.incoming, reply, report).await;
-            }
+            publish(session, &copy, Step::Retry).await
         }
         Settlement::Defer { delay } => {
             let copy = delayed_copy(&job, job.env.clone(), delay);
-            if publish(session, &copy, Step::Retry).await {
-                finish(session, &job.incoming, reply, report).await;
-            }
+            publish(session, &copy, Step::Retry).await
         }
         Settlement::DeadLetter { reason, .. } => {
             // The time of the first failure travels with a job that ran.
@@ -101,9 +93,43 @@ pub(super) async fn settle(job: Job<'_>, finding: Finding, run_time: Duration) {
                 body: job.wire.dead_body(&job.payload),
                 extra: &extra,
             };
-            dead_letter(session, &job.incoming, letter, reply, report).await;
+            dead_letter(session, &job.incoming, letter).await
         }
-        Settlement::LeaveUnacked => {}
+        Settlement::LeaveUnacked => {
+            if !effect_first {
+                apply(&job, effect, &finding, &settlement).await;
+            }
+            return;
+        }
+    };
+    if !copied {
+        return;
+    }
+    if !effect_first {
+        apply(&job, effect, &finding, &settlement).await;
+    }
+    // A job acked early has nothing left to ack.
+    let incoming = (!job.acked_early).then_some(&job.incoming);
+    finish(session, incoming, reply, report).await;
+}
+
+/// Carries out the store effect of a settlement on the job's claimed key.
+async fn apply(job: &Job<'_>, effect: StoreEffect, finding: &Finding, settlement: &Settlement) {
+    let Some(token) = job.token.as_ref().map(|h| h.token()) else {
+        return;
+    };
+    match (effect, finding, settlement) {
+        (StoreEffect::Release, ..) => claim::release(job, token).await,
+        (StoreEffect::Fail, Finding::Failed(err), Settlement::DeadLetter { reason, .. }) => {
+            let exc = celery_exception(&job.wire, finding);
+            claim::record_failure(job, token, *reason, err, exc).await;
+        }
+        (StoreEffect::Fail, ..) => {
+            // A key refused before its run (the store rejects its input)
+            // has no run to record: give it back.
+            claim::release(job, token).await;
+        }
+        (StoreEffect::None, ..) => {}
     }
 }
 
@@ -136,15 +162,13 @@ pub(super) struct DeadLetter<'a> {
     pub(super) extra: &'a [(&'static str, HeaderValue)],
 }
 
-/// Publishes the dead-letter copy, waits for its confirm, tells a Celery
-/// client (`reply`), then acks.
+/// Publishes the dead-letter copy and waits for its confirm; returns
+/// whether it was confirmed (if not, the session is ending).
 pub(super) async fn dead_letter(
     session: &Session,
     incoming: &Incoming,
     letter: DeadLetter<'_>,
-    reply: Option<(&ReplyTo, Notice)>,
-    report: JobReport,
-) {
+) -> bool {
     let shared = &session.shared;
     let copy = incoming.dead_letter(
         letter.reason,
@@ -153,14 +177,15 @@ pub(super) async fn dead_letter(
         letter.body,
         letter.extra,
     );
-    if publish(session, &copy, Step::DeadLetter).await {
+    let published = publish(session, &copy, Step::DeadLetter).await;
+    if published {
         DeadLettered {
             queue: incoming.queue(),
             reason: letter.reason,
         }
         .emit(shared);
-        finish(session, incoming, reply, report).await;
     }
+    published
 }
 
 /// Publishes with confirm, inside the step's span; on failure ends the
@@ -186,10 +211,11 @@ async fn publish(session: &Session, msg: &Outgoing, step: Step) -> bool {
 }
 
 /// The end of a delivery whose outcome is durable: tells a Celery client
-/// (`reply`), then acks and reports.
-async fn finish(
+/// (`reply`), then acks (`incoming`; `None` when it was acked early) and
+/// reports.
+pub(super) async fn finish(
     session: &Session,
-    incoming: &Incoming,
+    incoming: Option<&Incoming>,
     reply: Option<(&ReplyTo, Notice)>,
     report: JobReport,
 ) {
@@ -198,6 +224,9 @@ async fn finish(
     {
         return;
     }
+    let Some(incoming) = incoming else {
+        return Finished { report }.emit(&session.shared);
+    };
     match incoming.ack().await {
         Ok(()) => Finished { report }.emit(&session.shared),
         Err(e) => AckFailed {
