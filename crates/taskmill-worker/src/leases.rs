@@ -18,7 +18,7 @@ use std::time::Duration;
 use taskmill_store::{ClaimToken, Heartbeat, IdempotencyStore, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 
-use crate::shared::Shared;
+use crate::shared::{Shared, Ticks};
 
 /// The claims this worker holds, and the counters its registry row reports.
 #[derive(Default)]
@@ -127,13 +127,8 @@ pub(crate) fn worker_info(shared: &Shared, started_at_ms: i64) -> WorkerInfo {
 pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     let started_at_ms = i64::try_from(taskmill_broker::now_us() / 1000).unwrap_or(i64::MAX);
     let timing = shared.lease_timing;
-    let mut tick = tokio::time::interval(timing.every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticks = Ticks::new(timing.every, shutdown);
+    while ticks.next().await {
         let Some(store) = shared.store.get() else {
             continue;
         };

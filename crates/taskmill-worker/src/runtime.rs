@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::job;
-use crate::shared::{Session, Shared};
+use crate::shared::{Session, Shared, Ticks};
 use taskmill_store::{IdempotencyStore, Store};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -122,13 +122,9 @@ async fn connect_store(shared: &Arc<Shared>, shutdown: &CancellationToken) -> bo
 /// keeps the store's readiness check current.
 async fn purge_expired_keys(shared: Arc<Shared>, shutdown: CancellationToken) {
     let retention = Duration::from_secs(shared.config.store_retention_hours.saturating_mul(3600));
-    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    let mut ticks = Ticks::new(Duration::from_secs(15), shutdown);
     let mut last_purge: Option<tokio::time::Instant> = None;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    while ticks.next().await {
         let Some(store) = shared.store.get() else {
             continue;
         };

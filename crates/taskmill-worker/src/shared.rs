@@ -108,3 +108,27 @@ impl Session {
             .expect("the store is connected before any session starts")
     }
 }
+
+/// The clock of a periodic task (heartbeat, purge, sweep) that ends with a
+/// cancellation: a missed tick is delayed, never bunched up.
+pub(crate) struct Ticks {
+    interval: tokio::time::Interval,
+    stop: CancellationToken,
+}
+
+impl Ticks {
+    /// Ticks every `every` (the first at once) until `stop`.
+    pub(crate) fn new(every: Duration, stop: CancellationToken) -> Ticks {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticks { interval, stop }
+    }
+
+    /// Waits for the next tick; false once `stop` is cancelled.
+    pub(crate) async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.stop.cancelled() => false,
+            _ = self.interval.tick() => true,
+        }
+    }
+}

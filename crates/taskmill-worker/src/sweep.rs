@@ -15,7 +15,7 @@ use taskmill_broker::Outgoing;
 use taskmill_store::IdempotencyStore;
 use tokio_util::sync::CancellationToken;
 
-use crate::shared::Session;
+use crate::shared::{Session, Ticks};
 
 /// Orphans taken per sweep.
 const SWEEP_BATCH: u32 = 100;
@@ -24,13 +24,8 @@ const SWEEP_BATCH: u32 = 100;
 pub(crate) async fn sweep_orphans(session: Arc<Session>, stop: CancellationToken) {
     let shared = &session.shared;
     let lease = shared.lease_timing.lease;
-    let mut tick = tokio::time::interval((lease / 2).max(Duration::from_millis(100)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticks = Ticks::new((lease / 2).max(Duration::from_millis(100)), stop);
+    while ticks.next().await {
         let store = session.store();
         let orphans = match store
             .take_orphans(&shared.worker_id, lease, SWEEP_BATCH)
