@@ -8,7 +8,7 @@ use super::*;
 use crate::wire::{
     CONTENT_TYPE, DeadReason, DecodeError, Envelope, H_FIRST_FAILED_AT_MS, H_REPLAY, H_TRACEPARENT,
     H_TRACESTATE, HeaderValue, MAX_KIND_LEN, check_id, int_header, is_json_content_type,
-    str_header, too_large, valid_traceparent, valid_tracestate,
+    str_header, too_large, trace_context,
 };
 
 fn is_void(v: &HeaderValue) -> bool {
@@ -243,20 +243,9 @@ pub fn decode(
     let reply = reply_to(&props, headers, &id)?;
     let payload = call_payload(body)?;
 
-    let traceparent = present(headers, H_TRACEPARENT)
-        .and_then(|v| match v {
-            HeaderValue::Str(s) => Some(s),
-            _ => None,
-        })
-        .filter(|s| valid_traceparent(s));
-    let tracestate = traceparent
-        .as_ref()
-        .and(present(headers, H_TRACESTATE))
-        .and_then(|v| match v {
-            HeaderValue::Str(s) => Some(s),
-            _ => None,
-        })
-        .filter(|s| valid_tracestate(s));
+    let (traceparent, tracestate) = trace_context(present(headers, H_TRACEPARENT), || {
+        present(headers, H_TRACESTATE)
+    });
     let first_failed_at_ms = match present(headers, H_FIRST_FAILED_AT_MS) {
         None => None,
         Some(v) => u64::try_from(int_header(H_FIRST_FAILED_AT_MS, v)?).ok(),

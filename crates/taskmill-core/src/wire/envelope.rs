@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use super::headers::{
-    check_id, check_key, check_kind, int_header, str_header, too_large, valid_traceparent,
-    valid_tracestate,
+    check_id, check_key, check_kind, int_header, str_header, too_large, trace_context,
 };
 use super::*;
 
@@ -262,20 +261,8 @@ impl Envelope {
         };
         // Trace context is advisory: W3C says an invalid traceparent is ignored,
         // so a bad one starts a new trace instead of refusing the job.
-        let traceparent = header(H_TRACEPARENT)
-            .and_then(|v| match v {
-                HeaderValue::Str(s) => Some(s),
-                _ => None,
-            })
-            .filter(|s| valid_traceparent(s));
-        let tracestate = traceparent
-            .as_ref()
-            .and(header(H_TRACESTATE))
-            .and_then(|v| match v {
-                HeaderValue::Str(s) => Some(s),
-                _ => None,
-            })
-            .filter(|s| valid_tracestate(s));
+        let (traceparent, tracestate) =
+            trace_context(header(H_TRACEPARENT), || header(H_TRACESTATE));
         let first_failed_at_ms = match header(H_FIRST_FAILED_AT_MS) {
             None => None,
             Some(v) => u64::try_from(int_header(H_FIRST_FAILED_AT_MS, v)?).ok(),

@@ -190,6 +190,28 @@ fn check_printable(what: &str, s: &str) -> Result<(), DecodeError> {
     }
 }
 
+/// The W3C trace context of a message from its two headers: a
+/// `traceparent` that is not valid is ignored (a new trace starts instead of
+/// the job being refused), and a `tracestate` only counts with a valid
+/// `traceparent` and within its bounds. One rule for taskmill and Celery
+/// messages.
+pub fn trace_context(
+    traceparent: Option<HeaderValue>,
+    tracestate: impl FnOnce() -> Option<HeaderValue>,
+) -> (Option<String>, Option<String>) {
+    let text = |v: HeaderValue| match v {
+        HeaderValue::Str(s) => Some(s),
+        _ => None,
+    };
+    let traceparent = traceparent.and_then(text).filter(|s| valid_traceparent(s));
+    let tracestate = traceparent
+        .as_ref()
+        .and_then(|_| tracestate())
+        .and_then(text)
+        .filter(|s| valid_tracestate(s));
+    (traceparent, tracestate)
+}
+
 /// Whether a W3C `tracestate` is short enough to carry on: the
 /// specification caps it at [`MAX_TRACESTATE_LEN`] characters, and a longer
 /// one is dropped (trace context is advisory) instead of copied onto every

@@ -27,7 +27,9 @@ pub use delay::{
     delay_deliver_pattern, delay_exchange, delay_level_pattern, delay_route, delay_routing_key,
 };
 pub use envelope::{Envelope, Properties};
-pub use headers::{DeadReason, DecodeError, HeaderValue, valid_traceparent, valid_tracestate};
+pub use headers::{
+    DeadReason, DecodeError, HeaderValue, trace_context, valid_traceparent, valid_tracestate,
+};
 pub(crate) use headers::{check_id, int_header, is_json_content_type, str_header, too_large};
 
 /// The protocol version this crate speaks.
