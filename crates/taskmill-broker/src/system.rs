@@ -23,10 +23,15 @@ pub fn new_job_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// The default worker id, `hostname-pid`, for a worker whose configuration
-/// names none (see [`taskmill_core::config::Config::worker_id`]).
+/// The default worker id, `hostname-pid-xxxx` (four random hex digits), for
+/// a worker whose configuration names none (see
+/// [`taskmill_core::config::Config::worker_id`]). The random part keeps it
+/// unique per process start: a container restarted in the same pod has the
+/// same host name and often the same pid (1), and must not pass for its dead
+/// predecessor in the worker registry.
 pub fn default_worker_id() -> String {
-    format!("{}-{}", host_name(), std::process::id())
+    let nonce = uuid::Uuid::new_v4().as_u128() as u16;
+    format!("{}-{}-{nonce:04x}", host_name(), std::process::id())
 }
 
 /// The machine's host name (the pod name on Kubernetes), `worker` when the
@@ -54,6 +59,10 @@ mod tests {
     #[test]
     fn clock_is_after_2020_and_worker_id_names_the_pid() {
         assert!(now_us() > 1_577_836_800_000_000);
-        assert!(default_worker_id().ends_with(&format!("-{}", std::process::id())));
+        let id = default_worker_id();
+        let (rest, nonce) = id.rsplit_once('-').unwrap();
+        assert_eq!(nonce.len(), 4);
+        assert!(rest.ends_with(&format!("-{}", std::process::id())));
+        assert!(u16::from_str_radix(nonce, 16).is_ok());
     }
 }
