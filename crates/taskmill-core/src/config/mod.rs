@@ -589,8 +589,10 @@ mod tests {
             Err(ConfigError::Invalid { key, message }) => (key, message),
             other => panic!("expected Invalid, got {other:?}"),
         };
-        let mut c = Config::default();
-        c.queues = vec!["big".into()];
+        let mut c = Config {
+            queues: vec!["big".into()],
+            ..Config::default()
+        };
         c.queue.insert(
             "big".into(),
             QueueConfig {
