@@ -165,6 +165,13 @@ impl Bench {
         c.concurrency = concurrency;
         c.prefetch = 0;
         c.queue.clear();
+        // Bench payloads are small JSON: with a wide prefetch, accept only as
+        // much per message as keeps the window within `max_prefetch_bytes`.
+        let per_message =
+            c.max_prefetch_bytes / u64::try_from(concurrency.max(1)).unwrap_or(u64::MAX);
+        c.max_payload_bytes = c
+            .max_payload_bytes
+            .min(usize::try_from(per_message).unwrap_or(usize::MAX));
         c.worker_id = Some(format!("bench-{}", self.run_id));
         c
     }

@@ -102,6 +102,10 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
         c.max_payload_bytes = parse(v)?;
         Ok(())
     }),
+    ("TASKMILL_MAX_PREFETCH_BYTES", |c, v| {
+        c.max_prefetch_bytes = parse(v)?;
+        Ok(())
+    }),
     ("TASKMILL_DELIVERY_LIMIT", |c, v| {
         c.delivery_limit = parse(v)?;
         Ok(())

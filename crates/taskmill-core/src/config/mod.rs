@@ -168,6 +168,10 @@ pub struct Config {
     /// Largest accepted payload; larger jobs are refused at enqueue and
     /// dead-lettered at consume.
     pub max_payload_bytes: usize,
+    /// Most payload bytes one queue's prefetch window may hold in memory:
+    /// each queue's prefetch × `max_payload_bytes` must stay within it, so a
+    /// burst of the largest accepted messages cannot exhaust the worker.
+    pub max_prefetch_bytes: u64,
     /// Quorum queues: deliveries of one message before the broker dead-letters
     /// it to `Q.dead` (guards against messages that kill workers).
     pub delivery_limit: u32,
@@ -206,6 +210,10 @@ pub struct Config {
     pub kind: BTreeMap<String, KindConfig>,
 }
 
+/// Default of [`Config::max_prefetch_bytes`]: 256 MiB, which the defaults
+/// (prefetch = concurrency = 100, 1 MiB payloads) stay well within.
+pub const DEFAULT_MAX_PREFETCH_BYTES: u64 = 256 * 1024 * 1024;
+
 /// Default AMQP URL: the local broker with the guest account.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -233,6 +241,7 @@ impl Default for Config {
             heartbeat_ms: 2_000,
             broker_consumer_timeout_ms: 1_800_000,
             max_payload_bytes: 1024 * 1024,
+            max_prefetch_bytes: DEFAULT_MAX_PREFETCH_BYTES,
             delivery_limit: 20,
             data_dir: PathBuf::from("data"),
             store_url: None,
@@ -392,6 +401,7 @@ impl Config {
         if self.max_payload_bytes == 0 {
             return Err(invalid("max_payload_bytes", "must be positive".into()));
         }
+        self.check_prefetch_memory()?;
         if !(self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://")) {
             return Err(invalid(
                 "amqp_url",
@@ -400,6 +410,51 @@ impl Config {
                     redact_url(&self.amqp_url)
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks that no queue's prefetch window can hold more than
+    /// `max_prefetch_bytes` of payload: the broker pushes up to `prefetch`
+    /// unacked deliveries, each up to `max_payload_bytes`, before the worker
+    /// refuses any of them. The error names the key that sets the prefetch.
+    fn check_prefetch_memory(&self) -> Result<(), ConfigError> {
+        let payload = u64::try_from(self.max_payload_bytes).unwrap_or(u64::MAX);
+        let mut named: Vec<&String> = self.queues.iter().chain(&self.celery_queues).collect();
+        named.extend(self.queue.keys());
+        for name in named {
+            let own = self.queue.get(name).cloned().unwrap_or_default();
+            let (prefetch, key) = if *name == self.cpu_queue && own.prefetch.is_none() {
+                // The CPU queue's prefetch follows the pool (two jobs per
+                // process); with one process per core (0) the size is only
+                // known at start-up, so only a configured size is checked.
+                let processes = own.concurrency.unwrap_or(self.cpu_processes);
+                if processes == 0 {
+                    continue;
+                }
+                let prefetch = u16::try_from(processes.saturating_mul(2)).unwrap_or(u16::MAX);
+                (prefetch, "cpu_processes".to_string())
+            } else {
+                let key = match (own.prefetch, self.prefetch) {
+                    (Some(_), _) => format!("queue.{name}.prefetch"),
+                    (None, 0) if own.concurrency.is_some() => {
+                        format!("queue.{name}.concurrency")
+                    }
+                    (None, 0) => "concurrency".to_string(),
+                    (None, _) => "prefetch".to_string(),
+                };
+                (self.queue_settings(name).prefetch, key)
+            };
+            let window = u64::from(prefetch).saturating_mul(payload);
+            if window > self.max_prefetch_bytes {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!(
+                        "queue `{name}` may hold a prefetch of {prefetch} × max_payload_bytes {} = {window} bytes in memory, over max_prefetch_bytes {}; lower the prefetch or max_payload_bytes, or raise max_prefetch_bytes",
+                        self.max_payload_bytes, self.max_prefetch_bytes
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -521,6 +576,67 @@ mod tests {
         let q = c.queue_settings("default");
         assert_eq!(q.prefetch, 100);
         assert_eq!(q.queue_type, QueueType::Quorum);
+    }
+
+    #[test]
+    fn prefetch_memory_is_bounded_per_queue() {
+        // Defaults: prefetch follows concurrency (100) × 1 MiB = 100 MiB.
+        let c = Config::default();
+        assert_eq!(c.max_prefetch_bytes, 256 * 1024 * 1024);
+        c.validate().unwrap();
+
+        let invalid = |c: &Config| match c.validate() {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        let mut c = Config {
+            queues: vec!["big".into()],
+            ..Config::default()
+        };
+        c.queue.insert(
+            "big".into(),
+            QueueConfig {
+                prefetch: Some(300),
+                ..QueueConfig::default()
+            },
+        );
+        let (key, message) = invalid(&c);
+        assert_eq!(key, "queue.big.prefetch");
+        for part in ["`big`", "300", "1048576", "314572800", "268435456"] {
+            assert!(message.contains(part), "{part} missing from {message}");
+        }
+        c.max_prefetch_bytes = 300 * 1024 * 1024;
+        c.validate().unwrap();
+
+        // The worker-wide prefetch, and a prefetch that follows concurrency.
+        let mut c = Config {
+            prefetch: 500,
+            ..Config::default()
+        };
+        assert_eq!(invalid(&c).0, "prefetch");
+        c.prefetch = 0;
+        c.concurrency = 257;
+        assert_eq!(invalid(&c).0, "concurrency");
+        c.concurrency = 256;
+        c.validate().unwrap();
+        c.max_payload_bytes = 1024 * 1024 + 1;
+        assert_eq!(invalid(&c).0, "concurrency");
+
+        // The CPU queue: two jobs per configured process.
+        let mut c = Config {
+            queues: vec!["default".into(), "cpu".into()],
+            cpu_processes: 129,
+            ..Config::default()
+        };
+        assert_eq!(invalid(&c).0, "cpu_processes");
+        c.cpu_processes = 0;
+        c.validate().unwrap();
+
+        let mut c = Config::default();
+        c.apply_env([("TASKMILL_MAX_PREFETCH_BYTES".into(), "1000".into())])
+            .unwrap();
+        assert_eq!(c.max_prefetch_bytes, 1000);
+        assert_eq!(invalid(&c).0, "concurrency");
     }
 
     #[test]
