@@ -3,11 +3,10 @@
 
 use std::collections::BTreeSet;
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 
 use super::Browsed;
-use crate::connection::{Broker, BrokerError};
+use crate::connection::{Broker, BrokerError, declare_passive};
 
 /// How long [`Browser::requeue_all`] keeps the channel open after acks were
 /// sent. A quorum queue can drop acks that are still buffered in the broker's
@@ -46,26 +45,7 @@ impl Broker {
     /// is [`BrokerError::Closed`] (the broker closed the channel) saying so.
     pub async fn browse(&self, queue: &str) -> Result<Browser, BrokerError> {
         let channel = self.channel().await?;
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|source| {
-                if is_not_found(&source) {
-                    BrokerError::Closed(format!("queue `{queue}` does not exist"))
-                } else {
-                    BrokerError::Op {
-                        op: format!("queue.declare passive {queue}"),
-                        source,
-                    }
-                }
-            })?;
+        let q = declare_passive(&channel, queue).await?;
         Ok(Browser {
             channel,
             queue: queue.to_string(),
@@ -74,12 +54,6 @@ impl Broker {
             acked: false,
         })
     }
-}
-
-fn is_not_found(e: &lapin::Error) -> bool {
-    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
-        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
 impl Browser {
