@@ -20,6 +20,8 @@
 //!   bounded hand-off, timeouts (SIGTERM, grace, SIGKILL), crash detection and
 //!   naming, replacement, recycling by job count or RSS, graceful shutdown.
 //!   Children die with the parent (`PR_SET_PDEATHSIG`), even on `kill -9`.
+//!   A folder, one file per part (configuration, errors, hand-off, supervisor,
+//!   spawning, killing, recycling); its module doc lists them.
 //! * [`exit`]: names how a child ended (`"killed by signal 6 (SIGABRT)"`).
 //!
 //! # Rayon inside a job
