@@ -60,6 +60,9 @@ pub(super) async fn park(job: &Job<'_>) -> Result<(), Finding> {
     }
 }
 
+/// How long after a held key should free up a redelivery claims it again.
+const CLAIM_RETRY_MARGIN: Duration = Duration::from_millis(250);
+
 /// Claims `key` for one lease (the heartbeat renews it while the job runs):
 /// the token, or the finding that settles the delivery without running it
 /// (duplicate, held elsewhere, store down).
@@ -69,6 +72,7 @@ pub(super) async fn claim(job: &Job<'_>, key: &str) -> Result<ClaimToken, Findin
     let store = job.session.store();
     let env = &job.env;
     let mut forgot = false;
+    let mut waited = false;
     loop {
         let claim = store
             .claim(key, &env.job_id, &env.kind, &shared.worker_id, lease)
@@ -86,6 +90,21 @@ pub(super) async fn claim(job: &Job<'_>, key: &str) -> Result<ClaimToken, Findin
                 continue;
             }
             Ok(Claim::AlreadyFailed { error }) => Err(Finding::AlreadyFailed { error }),
+            // A redelivery (its worker's connection closed: often a crash)
+            // whose key frees up within one death deadline waits for it here,
+            // once, instead of going through the delay ladder to the tail of
+            // a queue that may hold a long backlog by then: that is what
+            // keeps recovery after a `kill -9` within seconds. A producer's
+            // duplicate (not redelivered) defers at once.
+            Ok(Claim::HeldElsewhere { expires_in, .. })
+                if job.incoming.redelivered()
+                    && !waited
+                    && expires_in <= shared.lease_timing.dead_after =>
+            {
+                waited = true;
+                tokio::time::sleep(expires_in + CLAIM_RETRY_MARGIN).await;
+                continue;
+            }
             Ok(Claim::HeldElsewhere { expires_in, .. }) => {
                 Err(Finding::HeldElsewhere { expires_in })
             }
