@@ -233,6 +233,53 @@ impl Drop for PgDb {
     }
 }
 
+/// A SQLite store file that several worker processes share (the embedded
+/// store works across processes on one file), read with the `sqlite3` CLI.
+/// It lives in a scratch directory, removed with that directory.
+pub struct SqliteDb {
+    /// The database file.
+    pub path: std::path::PathBuf,
+}
+
+impl SqliteDb {
+    /// The store at `dir/store.db` (created by the first worker that connects).
+    pub fn in_dir(dir: &std::path::Path) -> SqliteDb {
+        SqliteDb {
+            path: dir.join("store.db"),
+        }
+    }
+
+    /// The store URL of this file.
+    pub fn url(&self) -> String {
+        format!("sqlite://{}", self.path.display())
+    }
+
+    /// Runs `sql` on the file; returns the rows as `a|b` lines, like [`PgDb::query`].
+    pub fn query(&self, sql: &str) -> String {
+        // The workers hold write locks in short bursts; wait them out.
+        let out = std::process::Command::new("sqlite3")
+            .args(["-batch", "-bail", "-noheader", "-cmd", ".timeout 10000"])
+            .arg(&self.path)
+            .arg(sql)
+            .output()
+            .expect("the tests need the sqlite3 CLI");
+        assert!(
+            out.status.success(),
+            "sqlite3 `{sql}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("sqlite3 output is UTF-8")
+    }
+
+    /// Runs a query that returns one integer.
+    pub fn count(&self, sql: &str) -> i64 {
+        let out = self.query(sql);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("`{sql}` returned {out:?}: {e}"))
+    }
+}
+
 /// Runs one SQL command with `psql` (unaligned, tuples only) and returns its
 /// output; panics with psql's error when it fails.
 pub fn psql(url: &str, sql: &str) -> String {
@@ -247,6 +294,23 @@ pub fn psql(url: &str, sql: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("psql output is UTF-8")
+}
+
+/// Runs `rabbitmqctl ARGS` on the local broker; returns its stdout, panics
+/// with its output when it fails. Only for the tests that must change the
+/// broker itself, each of which restores what it changed.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("this test needs rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Ready messages in `queue` after they settle: the broker requeues a closed
