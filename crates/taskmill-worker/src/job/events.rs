@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use taskmill_core::{DeadReason, Outcome};
+use taskmill_core::DeadReason;
 use taskmill_telemetry::metrics::UNKNOWN_KIND;
 
 use super::decide::{Finding, Settlement};
@@ -225,9 +225,4 @@ impl Finished {
             obs(r);
         }
     }
-}
-
-/// The outcome label a report carries.
-pub(super) fn outcome_of(s: &Settlement) -> Outcome {
-    s.outcome().unwrap_or(Outcome::Deferred)
 }

@@ -232,7 +232,9 @@ async fn refuse(session: &Session, incoming: Incoming, queue: String, e: DecodeE
     };
     let settlement = decide::decide(&finding, decide::Facts::none());
     let report = info.report(
-        events::outcome_of(&settlement),
+        settlement
+            .outcome()
+            .expect("a refused message is dead-lettered"),
         Duration::ZERO,
         finding.detail(UNKNOWN_KIND),
     );

@@ -21,7 +21,7 @@ use super::Job;
 use super::celery::{Notice, Wire};
 use super::claim;
 use super::decide::{Facts, Finding, Settlement, StoreEffect, decide, store_effect_first};
-use super::events::{AckFailed, Confirmed, DeadLettered, Decided, Finished, outcome_of};
+use super::events::{AckFailed, Confirmed, DeadLettered, Decided, Finished};
 use crate::shared::{JobReport, Session};
 
 /// Decides a decoded job's fate from what its last stage found and carries
@@ -57,9 +57,14 @@ pub(super) async fn settle(job: Job<'_>, finding: Finding, run_time: Duration) {
         Notice::for_settlement(&finding, &settlement, &job.env.kind, detail.as_deref())
             .map(|n| (to, n))
     });
-    let report = job
-        .info
-        .report(outcome_of(&settlement), run_time, detail.clone());
+    let Some(outcome) = settlement.outcome() else {
+        // Left to the broker: no outcome to report or record on the span.
+        if !effect_first {
+            apply(&job, effect, &finding, &settlement).await;
+        }
+        return;
+    };
+    let report = job.info.report(outcome, run_time, detail.clone());
     let session = job.session;
     // The copy this settlement needs, confirmed by the broker.
     let copied = match settlement {
@@ -95,12 +100,7 @@ pub(super) async fn settle(job: Job<'_>, finding: Finding, run_time: Duration) {
             };
             dead_letter(session, &job.incoming, letter).await
         }
-        Settlement::LeaveUnacked => {
-            if !effect_first {
-                apply(&job, effect, &finding, &settlement).await;
-            }
-            return;
-        }
+        Settlement::LeaveUnacked => unreachable!("settled above: it has no outcome"),
     };
     if !copied {
         return;
