@@ -8,6 +8,8 @@
 //! - [`process`]: children of a pid and their state (from `/proc/PID/stat`),
 //!   process groups killed as one, log tails.
 //! - [`dirs`]: scratch directories removed when dropped.
+//! - [`rabbit`]: extra RabbitMQ nodes beside the service broker (TLS
+//!   listeners, clusters), stopped and wiped when dropped.
 //! - [`worker`]: starting a worker in this process or as a child
 //!   `taskmill worker` process, and waiting until its `/readyz` answers 200.
 //!
@@ -22,6 +24,7 @@ pub mod dirs;
 pub mod http;
 pub mod metrics;
 pub mod process;
+pub mod rabbit;
 pub mod worker;
 
 use std::path::PathBuf;
