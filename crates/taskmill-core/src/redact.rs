@@ -154,7 +154,8 @@ fn is_secret_name(name: &str) -> bool {
     .any(|word| n.contains(word))
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (invalid ones are kept as written).
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

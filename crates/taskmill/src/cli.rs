@@ -17,7 +17,9 @@ pub struct Cli {
     /// TOML config file (also TASKMILL_CONFIG). Env vars override it, flags override both.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// AMQP URL of the broker (TASKMILL_AMQP_URL).
+    /// AMQP URL of the broker (TASKMILL_AMQP_URL). A password given here is
+    /// readable by every local user in /proc/PID/cmdline: give it with
+    /// TASKMILL_AMQP_URL_FILE or amqp_password_file instead.
     #[arg(long, global = true, value_name = "URL")]
     pub amqp_url: Option<String>,
     #[command(subcommand)]
@@ -47,7 +49,8 @@ pub enum Command {
 pub enum ConfigCommand {
     /// Print the effective configuration as TOML, secrets redacted.
     Show,
-    /// Print every TASKMILL_* environment variable that sets a key.
+    /// Print every TASKMILL_* environment variable that sets a key (and the
+    /// TASKMILL_*_URL_FILE variables that set one from a file).
     Keys,
 }
 
@@ -91,10 +94,19 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         Some(path) => read_config_file(path)?,
         None => Config::default(),
     };
-    config.apply_env(std::env::vars())?;
+    let read: taskmill_core::config::ReadFile<'_> = &|p| std::fs::read_to_string(p);
+    config.apply_env(std::env::vars(), read)?;
     if let Some(url) = &cli.amqp_url {
+        if !taskmill_core::redact::secret_spans(url).is_empty() {
+            eprintln!(
+                "warning: the password in --amqp-url is visible to every local user in \
+                 /proc/{}/cmdline; give it with TASKMILL_AMQP_URL_FILE or amqp_password_file",
+                std::process::id()
+            );
+        }
         config.amqp_url = url.clone();
     }
+    config.resolve_secrets(read)?;
     Ok(config)
 }
 
@@ -159,6 +171,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCommand::Keys) => {
             for k in taskmill_core::config::env_keys() {
                 println!("{k}");
+            }
+            for (file_var, _) in taskmill_core::config::FILE_ENV {
+                println!("{file_var}");
             }
             return Ok(ExitCode::SUCCESS);
         }

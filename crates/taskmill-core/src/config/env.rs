@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use super::secrets::{FILE_ENV, ReadFile, read_secret};
 use super::{Config, ConfigError};
 
 type EnvSetter = fn(&mut Config, &str) -> Result<(), String>;
@@ -20,6 +21,10 @@ where
 const ENV_KEYS: &[(&str, EnvSetter)] = &[
     ("TASKMILL_AMQP_URL", |c, v| {
         c.amqp_url = v.to_string();
+        Ok(())
+    }),
+    ("TASKMILL_AMQP_PASSWORD_FILE", |c, v| {
+        c.amqp_password_file = Some(PathBuf::from(v));
         Ok(())
     }),
     ("TASKMILL_HTTP_ADDR", |c, v| {
@@ -118,6 +123,10 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
         c.store_url = Some(v.to_string());
         Ok(())
     }),
+    ("TASKMILL_STORE_PASSWORD_FILE", |c, v| {
+        c.store_password_file = Some(PathBuf::from(v));
+        Ok(())
+    }),
     ("TASKMILL_CPU_PROCESSES", |c, v| {
         c.cpu_processes = parse(v)?;
         Ok(())
@@ -186,27 +195,60 @@ fn split_list(v: &str) -> Vec<String> {
 
 impl Config {
     /// Applies `TASKMILL_*` variables from `vars` over this configuration.
+    /// A `*_FILE` variable of [`FILE_ENV`] sets its key from the file it
+    /// names, read with `read`; giving both it and the plain variable is an
+    /// error.
     pub fn apply_env(
         &mut self,
         vars: impl IntoIterator<Item = (String, String)>,
+        read: ReadFile<'_>,
     ) -> Result<(), ConfigError> {
-        for (name, value) in vars {
-            if !name.starts_with("TASKMILL_") {
-                continue;
-            }
-            if let Some((_, set)) = ENV_KEYS.iter().find(|(n, _)| *n == name) {
+        let vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("TASKMILL_"))
+            .collect();
+        for (name, value) in &vars {
+            let set_from_file = FILE_ENV.iter().find(|(file_var, _)| file_var == name);
+            let (target, value) = match set_from_file {
+                Some((_, target)) => {
+                    if vars.iter().any(|(n, _)| n == target) {
+                        return Err(ConfigError::Env {
+                            var: name.clone(),
+                            message: format!("{target} is set too; set only one of them"),
+                        });
+                    }
+                    (
+                        *target,
+                        read_secret(read, std::path::Path::new(value), name)?,
+                    )
+                }
+                None => (name.as_str(), value.clone()),
+            };
+            if let Some((_, set)) = ENV_KEYS.iter().find(|(n, _)| *n == target) {
                 set(self, &value).map_err(|message| ConfigError::Env {
                     var: name.clone(),
                     message,
                 })?;
             } else if !OTHER_ENV.contains(&name.as_str()) {
-                let known: Vec<&str> = env_keys().chain(OTHER_ENV.iter().copied()).collect();
+                let known: Vec<&str> = env_keys()
+                    .chain(FILE_ENV.iter().map(|(f, _)| *f))
+                    .chain(OTHER_ENV.iter().copied())
+                    .collect();
                 return Err(ConfigError::UnknownEnv {
-                    var: name,
+                    var: name.clone(),
                     known: known.join(", "),
                 });
             }
         }
         Ok(())
     }
+}
+
+/// A file reader that finds no file: for callers (and tests) whose
+/// environment sets no `*_FILE` variable.
+pub fn no_files(path: &std::path::Path) -> std::io::Result<String> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{}: files are not read here", path.display()),
+    ))
 }

@@ -9,7 +9,8 @@
 //!
 //! Layout: here the types and the file's parsing; `validate` holds the
 //! checks (`Config::validate`); `env` holds the `TASKMILL_*` variable table
-//! and its application.
+//! and its application; `secrets` reads secret-bearing settings from files
+//! (`TASKMILL_*_URL_FILE`, `*_password_file`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -22,9 +23,11 @@ use crate::retry::{Jitter, RetryPolicy};
 use crate::wire::DEFAULT_QUEUE;
 
 mod env;
+mod secrets;
 mod validate;
 
-pub use env::{OTHER_ENV, env_keys};
+pub use env::{OTHER_ENV, env_keys, no_files};
+pub use secrets::{FILE_ENV, ReadFile, with_password};
 
 /// The type of the work queues the worker declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +119,9 @@ pub struct KindConfig {
 pub struct Config {
     /// AMQP URL of the broker; a vhost in the path is honoured (`%2f` is `/`).
     pub amqp_url: String,
+    /// A file holding the broker password, put into `amqp_url`'s user-info
+    /// at start-up (`amqp_url` then names the user and no password).
+    pub amqp_password_file: Option<PathBuf>,
     /// Address of the HTTP endpoint serving `/metrics`, `/healthz`, `/readyz`.
     pub http_addr: SocketAddr,
     /// Queues this worker consumes, in taskmill's protocol.
@@ -182,6 +188,9 @@ pub struct Config {
     /// Idempotency and result store: `sqlite://FILE` or `postgres://...`.
     /// Unset: a SQLite file `taskmill.db` in `data_dir`.
     pub store_url: Option<String>,
+    /// A file holding the PostgreSQL password, put into `store_url`'s
+    /// user-info at start-up.
+    pub store_password_file: Option<PathBuf>,
     /// Local CPU worker processes; 0 means one per core.
     pub cpu_processes: usize,
     /// Rayon threads inside each CPU worker process; 0 means
@@ -223,6 +232,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             amqp_url: DEFAULT_AMQP_URL.to_string(),
+            amqp_password_file: None,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
             queues: vec![DEFAULT_QUEUE.to_string()],
             celery_queues: Vec::new(),
@@ -247,6 +257,7 @@ impl Default for Config {
             delivery_limit: 20,
             data_dir: PathBuf::from("data"),
             store_url: None,
+            store_password_file: None,
             cpu_processes: 0,
             cpu_rayon_threads: 0,
             cpu_max_jobs_per_child: 0,
@@ -512,8 +523,11 @@ mod tests {
         c.validate().unwrap();
 
         let mut c = Config::default();
-        c.apply_env([("TASKMILL_MAX_PREFETCH_BYTES".into(), "1000".into())])
-            .unwrap();
+        c.apply_env(
+            [("TASKMILL_MAX_PREFETCH_BYTES".into(), "1000".into())],
+            &no_files,
+        )
+        .unwrap();
         assert_eq!(c.max_prefetch_bytes, 1000);
         assert_eq!(invalid(&c).0, "concurrency");
     }
@@ -548,11 +562,14 @@ mod tests {
         .unwrap();
         assert_eq!(c.queue_settings("b").concurrency, 3);
         assert_eq!(c.queue_settings("a").concurrency, 7);
-        c.apply_env([
-            ("TASKMILL_QUEUES".to_string(), "x, y".to_string()),
-            ("TASKMILL_CONCURRENCY".to_string(), "9".to_string()),
-            ("PATH".to_string(), "/bin".to_string()),
-        ])
+        c.apply_env(
+            [
+                ("TASKMILL_QUEUES".to_string(), "x, y".to_string()),
+                ("TASKMILL_CONCURRENCY".to_string(), "9".to_string()),
+                ("PATH".to_string(), "/bin".to_string()),
+            ],
+            &no_files,
+        )
         .unwrap();
         assert_eq!(c.queues, vec!["x", "y"]);
         assert_eq!(c.queue_settings("x").concurrency, 9);
@@ -563,7 +580,10 @@ mod tests {
     fn env_errors_name_the_variable() {
         let mut c = Config::default();
         let err = c
-            .apply_env([("TASKMILL_PREFETCH".to_string(), "lots".to_string())])
+            .apply_env(
+                [("TASKMILL_PREFETCH".to_string(), "lots".to_string())],
+                &no_files,
+            )
             .unwrap_err()
             .to_string();
         assert!(
@@ -571,7 +591,7 @@ mod tests {
             "{err}"
         );
         let err = c
-            .apply_env([("TASKMILL_QUEUE".to_string(), "x".to_string())])
+            .apply_env([("TASKMILL_QUEUE".to_string(), "x".to_string())], &no_files)
             .unwrap_err()
             .to_string();
         assert!(
@@ -607,13 +627,16 @@ mod tests {
         let s = c.queue_settings("celery");
         assert_eq!((s.concurrency, s.queue_type), (4, QueueType::Classic));
         assert_eq!(c.queue_settings("default").queue_type, QueueType::Quorum);
-        c.apply_env([
-            (
-                "TASKMILL_CELERY_QUEUES".to_string(),
-                "reports, mail".to_string(),
-            ),
-            ("TASKMILL_QUEUES".to_string(), String::new()),
-        ])
+        c.apply_env(
+            [
+                (
+                    "TASKMILL_CELERY_QUEUES".to_string(),
+                    "reports, mail".to_string(),
+                ),
+                ("TASKMILL_QUEUES".to_string(), String::new()),
+            ],
+            &no_files,
+        )
         .unwrap();
         assert_eq!(c.celery_queues, vec!["reports", "mail"]);
         c.validate().unwrap();
