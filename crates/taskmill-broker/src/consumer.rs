@@ -231,6 +231,22 @@ impl Incoming {
         &self.delivery.data
     }
 
+    /// The exchange it was published to (`""`: the default exchange).
+    pub fn exchange(&self) -> &str {
+        self.delivery.exchange.as_str()
+    }
+
+    /// The routing key it was published with.
+    pub fn routing_key(&self) -> &str {
+        self.delivery.routing_key.as_str()
+    }
+
+    /// The body's size in bytes (0 once a taskmill decode moved it into the
+    /// envelope: read it first).
+    pub fn body_len(&self) -> usize {
+        self.delivery.data.len()
+    }
+
     /// Whether the broker delivered it before (to this or another consumer).
     pub fn redelivered(&self) -> bool {
         self.delivery.redelivered

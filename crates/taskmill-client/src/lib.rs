@@ -32,7 +32,8 @@ use serde::Serialize;
 use taskmill_broker::{Broker, BrokerError, Outgoing, PublishError, Publisher};
 use taskmill_core::wire::DEFAULT_QUEUE;
 use taskmill_core::{DecodeError, Envelope};
-use taskmill_telemetry::traces::{self, spans};
+use taskmill_trace::spans::{self, Message, Server};
+use taskmill_trace::{set_parent, traceparent_of};
 use tracing::Instrument;
 
 /// Default payload limit, the worker's default `max_payload_bytes`.
@@ -186,6 +187,8 @@ impl Conn {
 #[derive(Debug)]
 pub struct Client {
     url: String,
+    /// The broker's host and port, for the producer spans.
+    server: Option<Server>,
     conn: tokio::sync::RwLock<Arc<Conn>>,
     delays_declared: tokio::sync::OnceCell<()>,
     max_payload_bytes: usize,
@@ -197,6 +200,7 @@ impl Client {
         let conn = Conn::open(url).await?;
         Ok(Client {
             url: url.to_string(),
+            server: Server::from_url(url),
             conn: tokio::sync::RwLock::new(Arc::new(conn)),
             delays_declared: tokio::sync::OnceCell::new(),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
@@ -233,11 +237,26 @@ impl Client {
 
     /// The producer span of `job`; its context goes into the job's headers
     /// (continuing a context the caller set with [`NewJob::traceparent`]).
-    fn span(job: &mut NewJob) -> tracing::Span {
+    fn span(&self, job: &mut NewJob) -> tracing::Span {
+        let route = if job.delay.is_zero() {
+            None
+        } else {
+            taskmill_core::wire::delay_route(&job.env.queue, job.delay).ok()
+        };
         let env = &mut job.env;
-        let span = spans::enqueue_span(&env.queue, &env.kind, &env.job_id);
-        traces::set_parent(&span, env.traceparent.as_deref(), env.tracestate.as_deref());
-        if let Some((tp, ts)) = traces::traceparent_of(&span) {
+        let (exchange, routing_key) = match &route {
+            Some((exchange, key)) => (exchange.as_str(), key.as_str()),
+            None => (taskmill_core::wire::EXCHANGE, env.queue.as_str()),
+        };
+        let msg = Message {
+            exchange,
+            routing_key,
+            message_id: &env.job_id,
+            body_size: env.payload.len(),
+        };
+        let span = spans::enqueue_span(&msg, &env.kind, self.server.as_ref());
+        set_parent(&span, env.traceparent.as_deref(), env.tracestate.as_deref());
+        if let Some((tp, ts)) = traceparent_of(&span) {
             env.traceparent = Some(tp);
             env.tracestate = ts;
         }
@@ -281,7 +300,7 @@ impl Client {
 
     /// Publishes one job and returns its id once the broker confirmed it.
     pub async fn enqueue(&self, mut job: NewJob) -> Result<String, EnqueueError> {
-        let span = Self::span(&mut job);
+        let span = self.span(&mut job);
         let result = self.enqueue_in_span(job).instrument(span.clone()).await;
         if let Err(e) = &result {
             spans::record_outcome(&span, "error", Some(&e.to_string()));
@@ -327,7 +346,7 @@ impl Client {
         for (index, mut job) in jobs.into_iter().enumerate() {
             // One producer span per job, covering its publish (the confirms
             // are pipelined, so the span does not wait for its own).
-            let span = Self::span(&mut job);
+            let span = self.span(&mut job);
             let (id, msg) = self
                 .prepare(job, &conn)
                 .instrument(span.clone())

@@ -42,7 +42,17 @@ async fn spans_arrive_over_http_protobuf() {
     o.resource_attributes = vec![("taskmill.role".into(), "test".into())];
     let (d, guard) = traces::build(TracingOptions::new(false, "off").with_otlp(o)).unwrap();
     tracing::dispatcher::with_default(&d, || {
-        let _s = spans::enqueue_span("q-http", "io.echo", "job-1").entered();
+        let _s = spans::enqueue_span(
+            &spans::Message {
+                exchange: "taskmill",
+                routing_key: "q-http",
+                message_id: "job-1",
+                body_size: 2,
+            },
+            "io.echo",
+            None,
+        )
+        .entered();
     });
     tokio::task::spawn_blocking(move || guard.shutdown().unwrap())
         .await
@@ -77,6 +87,6 @@ async fn spans_arrive_over_http_protobuf() {
         "{resource:?}"
     );
     let span = &rs.scope_spans[0].spans[0];
-    assert_eq!(span.name, spans::ENQUEUE);
+    assert_eq!(span.name, "publish taskmill");
     assert_eq!(span.trace_id.len(), 16);
 }

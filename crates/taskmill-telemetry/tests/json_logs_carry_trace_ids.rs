@@ -69,7 +69,22 @@ fn json_lines_have_the_ids_of_the_current_span() {
     .unwrap();
     let tp = tracing::dispatcher::with_default(&d, || {
         tracing::info!("before any span");
-        let job = spans::job_span("q-json", "io.echo", "job-42", 3, None, None);
+        let job = spans::job_span(
+            &spans::Delivery {
+                queue: "q-json",
+                message: spans::Message {
+                    exchange: "taskmill",
+                    routing_key: "q-json",
+                    message_id: "job-42",
+                    body_size: 2,
+                },
+                kind: "io.echo",
+                attempt: 3,
+                traceparent: None,
+                tracestate: None,
+            },
+            None,
+        );
         let _e = job.enter();
         tracing::info!(answer = 42, "inside the job");
         current_traceparent().unwrap().0
@@ -129,7 +144,17 @@ fn without_export_json_and_text_logs_still_work() {
     )
     .unwrap();
     tracing::dispatcher::with_default(&d, || {
-        let _s = spans::enqueue_span("q", "k", "j").entered();
+        let _s = spans::enqueue_span(
+            &spans::Message {
+                exchange: "taskmill",
+                routing_key: "q",
+                message_id: "j",
+                body_size: 2,
+            },
+            "k",
+            None,
+        )
+        .entered();
         tracing::info!("muted");
         tracing::warn!("plain text");
         // The log filter does not decide what is traced.

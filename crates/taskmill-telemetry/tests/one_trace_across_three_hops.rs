@@ -48,7 +48,16 @@ async fn producer_consumer_and_cpu_child_share_one_trace() {
 
     let (enqueue_tp, job_tp) = tracing::dispatcher::with_default(&worker, || {
         // Producer: inject the current span's context into "headers".
-        let enqueue = spans::enqueue_span("q-trace", "cpu.hash", "job-7");
+        let enqueue = spans::enqueue_span(
+            &spans::Message {
+                exchange: "taskmill",
+                routing_key: "q-trace",
+                message_id: "job-7",
+                body_size: 2,
+            },
+            "cpu.hash",
+            None,
+        );
         let headers = {
             let _e = enqueue.enter();
             current_traceparent().expect("a traceparent inside the producer span")
@@ -57,12 +66,20 @@ async fn producer_consumer_and_cpu_child_share_one_trace() {
 
         // Consumer: continue from the headers.
         let job = spans::job_span(
-            "q-trace",
-            "cpu.hash",
-            "job-7",
-            2,
-            Some(&headers.0),
-            headers.1.as_deref(),
+            &spans::Delivery {
+                queue: "q-trace",
+                message: spans::Message {
+                    exchange: "taskmill",
+                    routing_key: "q-trace",
+                    message_id: "job-7",
+                    body_size: 2,
+                },
+                kind: "cpu.hash",
+                attempt: 2,
+                traceparent: Some(&headers.0),
+                tracestate: headers.1.as_deref(),
+            },
+            None,
         );
         let frame_tp = {
             let _e = job.enter();
@@ -102,8 +119,8 @@ async fn producer_consumer_and_cpu_child_share_one_trace() {
     let by_name: HashMap<&str, &ExportedSpan> = got.iter().map(|s| (s.name.as_str(), s)).collect();
     let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(got.len(), 4, "spans: {names:?}");
-    let enqueue = by_name[spans::ENQUEUE];
-    let job = by_name[spans::JOB];
+    let enqueue = by_name["publish taskmill"];
+    let job = by_name["process q-trace"];
     let run = by_name["taskmill.run"];
     let cpu = by_name[spans::CPU_RUN];
 
@@ -132,7 +149,10 @@ async fn producer_consumer_and_cpu_child_share_one_trace() {
 
     // Attributes.
     assert!(attr(enqueue, "messaging.system").contains("\"rabbitmq\""));
-    assert!(attr(enqueue, "messaging.destination.name").contains("\"q-trace\""));
+    assert!(attr(enqueue, "messaging.destination.name").contains("\"taskmill\""));
+    assert!(attr(enqueue, "messaging.rabbitmq.destination.routing_key").contains("\"q-trace\""));
+    assert!(attr(enqueue, "messaging.operation.name").contains("\"publish\""));
+    assert!(attr(job, "messaging.operation.name").contains("\"process\""));
     assert!(attr(enqueue, "taskmill.kind").contains("\"cpu.hash\""));
     assert!(attr(enqueue, "taskmill.job_id").contains("\"job-7\""));
     assert!(attr(job, "taskmill.queue").contains("\"q-trace\""));
@@ -159,7 +179,22 @@ async fn a_failed_job_is_marked_as_an_error() {
             .unwrap();
     tracing::dispatcher::with_default(&d, || {
         // No traceparent: a new trace, no error.
-        let job = spans::job_span("q", "k", "j", 1, None, None);
+        let job = spans::job_span(
+            &spans::Delivery {
+                queue: "q",
+                message: spans::Message {
+                    exchange: "taskmill",
+                    routing_key: "q",
+                    message_id: "j",
+                    body_size: 2,
+                },
+                kind: "k",
+                attempt: 1,
+                traceparent: None,
+                tracestate: None,
+            },
+            None,
+        );
         let _e = job.enter();
         spans::record_outcome(&job, "dead", Some("handler_error: boom"));
     });

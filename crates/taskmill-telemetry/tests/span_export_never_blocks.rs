@@ -37,7 +37,22 @@ fn collector_down(protocol: OtlpProtocol) {
     let start = Instant::now();
     tracing::dispatcher::with_default(&d, || {
         for i in 0..10_000u32 {
-            let job = spans::job_span("q", "k", "j", i, None, None);
+            let job = spans::job_span(
+                &spans::Delivery {
+                    queue: "q",
+                    message: spans::Message {
+                        exchange: "taskmill",
+                        routing_key: "q",
+                        message_id: "j",
+                        body_size: 2,
+                    },
+                    kind: "k",
+                    attempt: i,
+                    traceparent: None,
+                    tracestate: None,
+                },
+                None,
+            );
             let _e = job.enter();
             let _run = spans::step_span(Step::Run).entered();
         }
@@ -102,7 +117,17 @@ async fn shutdown_on_a_current_thread_runtime_does_not_stall() {
     )
     .unwrap();
     tracing::dispatcher::with_default(&d, || {
-        let _s = spans::enqueue_span("q", "k", "j").entered();
+        let _s = spans::enqueue_span(
+            &spans::Message {
+                exchange: "taskmill",
+                routing_key: "q",
+                message_id: "j",
+                body_size: 2,
+            },
+            "k",
+            None,
+        )
+        .entered();
     });
     let start = Instant::now();
     drop(guard);

@@ -197,6 +197,7 @@ async fn run_session(
     let session = Arc::new(Session {
         shared: shared.clone(),
         publisher,
+        server: taskmill_telemetry::traces::spans::Server::from_url(&shared.config.amqp_url),
         stop: stop.clone(),
         fault: std::sync::Mutex::new(None),
     });

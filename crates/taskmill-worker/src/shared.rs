@@ -77,6 +77,9 @@ impl Shared {
 pub(crate) struct Session {
     pub(crate) shared: Arc<Shared>,
     pub(crate) publisher: Publisher,
+    /// The broker this session is connected to, for the job spans'
+    /// `server.address` and `server.port`.
+    pub(crate) server: Option<taskmill_telemetry::traces::spans::Server>,
     /// Cancelled to end the session (shutdown, or a fault below).
     pub(crate) stop: CancellationToken,
     /// Why a job task ended the session (the publisher failed), if it did.

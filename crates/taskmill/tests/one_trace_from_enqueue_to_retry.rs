@@ -1,9 +1,11 @@
 //! One job's trace, end to end, as an OTLP collector sees it: the producer
-//! span in this process (`taskmill.enqueue`), the real `taskmill worker`
-//! process consuming it twice (`taskmill.job` for attempts 1 and 2, with
+//! span in this process (`publish taskmill`), the real `taskmill worker`
+//! process consuming it twice (`process QUEUE` for attempts 1 and 2, with
 //! their `taskmill.run` steps and the `taskmill.retry` between them), and the
-//! CPU child process running the handler each time (`taskmill.cpu.run`).
-//! Every span is in ONE trace, with the parent links of the span model.
+//! CPU child process running the handler each time (`taskmill.cpu.run`, a
+//! child of the process span). Every span is in ONE trace, with the parent
+//! links of the span model and the OpenTelemetry messaging conventions'
+//! attributes.
 //!
 //! The job is `test.cpu_fail {"times": 1}`: attempt 1 fails retryably in the
 //! CPU process, attempt 2 succeeds. The worker and its child export with the
@@ -13,7 +15,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -218,12 +220,14 @@ async fn one_trace_from_enqueue_to_retry() {
     // 5. Spans of the job's trace, until the expected ones are in and no more
     //    arrive for a second (bounded).
     let job_id_attr = |s: &ExportedSpan| str_attr(s, "taskmill.job_id") == Some(job_id.as_str());
+    let publish_name = "publish taskmill".to_string();
+    let process_name = format!("process {cpu_queue}");
     let expected = [
-        (spans::ENQUEUE, 1),
-        (spans::JOB, 2),
-        (RUN, 2),
-        (RETRY, 1),
-        (spans::CPU_RUN, 2),
+        (publish_name.clone(), 1),
+        (process_name.clone(), 2),
+        (RUN.to_string(), 2),
+        (RETRY.to_string(), 1),
+        (spans::CPU_RUN.to_string(), 2),
     ];
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last_len = usize::MAX;
@@ -236,7 +240,7 @@ async fn one_trace_from_enqueue_to_retry() {
         }
         let trace_id = all
             .iter()
-            .find(|s| s.name == spans::ENQUEUE && job_id_attr(s))
+            .find(|s| s.name == publish_name && job_id_attr(s))
             .map(|s| s.trace_id.clone());
         let complete = trace_id.is_some_and(|t| {
             let in_trace: Vec<ExportedSpan> =
@@ -256,7 +260,7 @@ async fn one_trace_from_enqueue_to_retry() {
 
     let enqueue = all
         .iter()
-        .find(|s| s.name == spans::ENQUEUE && job_id_attr(s))
+        .find(|s| s.name == publish_name && job_id_attr(s))
         .unwrap_or_else(|| {
             panic!(
                 "no taskmill.enqueue span for job {job_id} reached the collector; got:\n{}",
@@ -289,16 +293,14 @@ async fn one_trace_from_enqueue_to_retry() {
         "spans of job {job_id} outside trace {trace_id}:\n{}",
         tree(&strays.into_iter().cloned().collect::<Vec<_>>())
     );
-    for (name, n) in expected {
+    for (name, n) in &expected {
         assert_eq!(
             count(&trace, name),
-            n,
+            *n,
             "{name} spans in trace {trace_id}:\n{}",
             tree(&trace)
         );
     }
-    let by_id: HashMap<&str, &ExportedSpan> =
-        trace.iter().map(|s| (s.span_id.as_str(), s)).collect();
     let named = |name: &str| -> Vec<&ExportedSpan> {
         trace.iter().filter(|s| s.name == name).collect::<Vec<_>>()
     };
@@ -306,14 +308,36 @@ async fn one_trace_from_enqueue_to_retry() {
     // The producer span: the root, kind producer.
     assert_eq!(enqueue.parent_span_id, "", "the enqueue span is the root");
     assert_eq!(enqueue.kind, "SPAN_KIND_PRODUCER");
+    let attrs = [
+        ("messaging.system", "rabbitmq"),
+        ("messaging.operation.name", "publish"),
+        ("messaging.operation.type", "send"),
+        ("messaging.destination.name", "taskmill"),
+        (
+            "messaging.rabbitmq.destination.routing_key",
+            cpu_queue.as_str(),
+        ),
+        ("messaging.message.id", job_id.as_str()),
+        ("server.address", "127.0.0.1"),
+    ];
+    for (key, want) in attrs {
+        assert_eq!(str_attr(enqueue, key), Some(want), "publish span's {key}");
+    }
+    assert_eq!(int_attr(enqueue, "server.port"), Some(5672));
+    assert!(
+        int_attr(enqueue, "messaging.message.body.size").is_some_and(|n| n > 0),
+        "publish span's messaging.message.body.size: {:?}",
+        enqueue.attributes
+    );
     assert_eq!(
-        str_attr(enqueue, "messaging.destination.name"),
-        Some(cpu_queue.as_str())
+        str_attr(enqueue, "error.type"),
+        None,
+        "the publish succeeded"
     );
 
     // Two consumer spans, attempts 1 and 2, both children of the enqueue
     // span (the retry copy keeps the producer's traceparent).
-    let jobs = named(spans::JOB);
+    let jobs = named(&process_name);
     let mut attempts: Vec<i64> = jobs.iter().map(|j| attempt(j)).collect();
     attempts.sort_unstable();
     assert_eq!(attempts, [1, 2], "job span attempts");
@@ -328,10 +352,37 @@ async fn one_trace_from_enqueue_to_retry() {
         assert_eq!(str_attr(j, "taskmill.job_id"), Some(job_id.as_str()));
         assert_eq!(str_attr(j, "taskmill.queue"), Some(cpu_queue.as_str()));
         assert_eq!(str_attr(j, "taskmill.kind"), Some("test.cpu_fail"));
+        for (key, want) in [
+            ("messaging.system", "rabbitmq"),
+            ("messaging.operation.name", "process"),
+            ("messaging.operation.type", "process"),
+            ("messaging.message.id", job_id.as_str()),
+            ("server.address", "127.0.0.1"),
+        ] {
+            assert_eq!(str_attr(j, key), Some(want), "process span's {key}");
+        }
+        assert_eq!(int_attr(j, "server.port"), Some(5672));
+        assert!(
+            str_attr(j, "messaging.destination.name").is_some_and(|d| !d.is_empty())
+                && str_attr(j, "messaging.rabbitmq.destination.routing_key").is_some()
+                && int_attr(j, "messaging.message.body.size").is_some_and(|n| n > 0),
+            "process span's destination, routing key and body size: {:?}",
+            j.attributes
+        );
     }
     let job_of = |n: i64| *jobs.iter().find(|j| attempt(j) == n).unwrap();
     let (job1, job2) = (job_of(1), job_of(2));
     assert_eq!(str_attr(job1, "taskmill.outcome"), Some("retried"));
+    assert_eq!(str_attr(job1, "error.type"), Some("retried"));
+    // The first delivery came through taskmill's exchange, routed by queue.
+    assert_eq!(
+        str_attr(job1, "messaging.destination.name"),
+        Some("taskmill")
+    );
+    assert_eq!(
+        str_attr(job1, "messaging.rabbitmq.destination.routing_key"),
+        Some(cpu_queue.as_str())
+    );
     assert_eq!(
         job1.status.as_ref().map(|s| s.code.as_str()),
         Some("STATUS_CODE_ERROR"),
@@ -368,23 +419,23 @@ async fn one_trace_from_enqueue_to_retry() {
     );
     assert_eq!(retry.kind, "SPAN_KIND_INTERNAL");
 
-    // One CPU run per run step, in the child process, same attempt.
+    // One CPU run per process span, its child, in the child process, same
+    // attempt.
     let cpus = named(spans::CPU_RUN);
-    for r in &runs {
+    for j in [job1, job2] {
         let mine: Vec<_> = cpus
             .iter()
-            .filter(|c| c.parent_span_id == r.span_id)
+            .filter(|c| c.parent_span_id == j.span_id)
             .collect();
         assert_eq!(
             mine.len(),
             1,
-            "taskmill.cpu.run spans under run span {}",
-            r.span_id
+            "taskmill.cpu.run spans under the process span of attempt {}",
+            attempt(j)
         );
-        let job = by_id[r.parent_span_id.as_str()];
         assert_eq!(
             attempt(mine[0]),
-            attempt(job),
+            attempt(j),
             "the CPU run's attempt is its job's"
         );
     }

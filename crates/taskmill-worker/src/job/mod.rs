@@ -88,6 +88,7 @@ pub(crate) struct Job<'s> {
 /// Handles one delivery from its decode to its settlement.
 pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
     let queue = incoming.queue().to_string();
+    let body_size = incoming.body_len();
     let max = session.shared.config.max_payload_bytes;
     let decoded = if session.shared.config.is_celery_queue(&queue) {
         incoming
@@ -98,14 +99,20 @@ pub(crate) async fn handle(session: &Session, mut incoming: Incoming) {
     };
     match decoded {
         Ok((mut env, wire)) => {
-            let span = spans::job_span(
-                &queue,
-                &env.kind,
-                &env.job_id,
-                env.attempt,
-                env.traceparent.as_deref(),
-                env.tracestate.as_deref(),
-            );
+            let delivery = spans::Delivery {
+                queue: &queue,
+                message: spans::Message {
+                    exchange: incoming.exchange(),
+                    routing_key: incoming.routing_key(),
+                    message_id: &env.job_id,
+                    body_size,
+                },
+                kind: &env.kind,
+                attempt: env.attempt,
+                traceparent: env.traceparent.as_deref(),
+                tracestate: env.tracestate.as_deref(),
+            };
+            let span = spans::job_span(&delivery, session.server.as_ref());
             let payload: Bytes = std::mem::take(&mut env.payload).into();
             let queue_wait = env
                 .enqueued_at_us
@@ -211,14 +218,20 @@ async fn refuse(session: &Session, incoming: Incoming, queue: String, e: DecodeE
         detail: &e.detail,
     }
     .emit();
-    let span = spans::job_span(
-        &queue,
-        UNKNOWN_KIND,
-        job_id.as_deref().unwrap_or(""),
-        1,
-        None,
-        None,
-    );
+    let delivery = spans::Delivery {
+        queue: &queue,
+        message: spans::Message {
+            exchange: incoming.exchange(),
+            routing_key: incoming.routing_key(),
+            message_id: job_id.as_deref().unwrap_or(""),
+            body_size: incoming.body_len(),
+        },
+        kind: UNKNOWN_KIND,
+        attempt: 1,
+        traceparent: None,
+        tracestate: None,
+    };
+    let span = spans::job_span(&delivery, session.server.as_ref());
     let info = Info {
         queue,
         kind: UNKNOWN_KIND.to_string(),

@@ -29,9 +29,10 @@ pub(super) async fn run(job: &Job<'_>, handler: &Handler, timeout: Duration) -> 
             .with_label_values(&[&job.info.queue, handler.class()]),
     );
     let run_span = spans::step_span(Step::Run);
-    // Handlers and CPU processes continue the trace from the run span;
-    // without trace export, from the producer's context.
-    let traceparent = traceparent_of(&run_span)
+    // Handlers and CPU processes continue the trace as children of the
+    // process (job) span, as the messaging conventions place the work done
+    // for a message; without trace export, from the producer's context.
+    let traceparent = traceparent_of(&job.info.span)
         .map(|(tp, _)| tp)
         .or_else(|| job.env.traceparent.clone());
     let ran = dispatch(job, handler, timeout, traceparent)
