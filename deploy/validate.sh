@@ -44,8 +44,9 @@ check() {
   if [[ $rc -eq 0 ]]; then printf 'ok   %s\n' "$name"; else fail "$name (exit $rc)"; fi
 }
 
-# The k8s trees that must build. prod-hpa is the HPA variant of prod.
-K8S_TREES=(deploy/k8s/base deploy/k8s/overlays/dev deploy/k8s/overlays/prod deploy/k8s/overlays/prod-hpa)
+# The k8s trees that must build. prod-hpa is the HPA variant of prod;
+# deploy/grafana is the dashboard ConfigMap (components/grafana-dashboard).
+K8S_TREES=(deploy/k8s/base deploy/k8s/overlays/dev deploy/k8s/overlays/prod deploy/k8s/overlays/prod-hpa deploy/grafana)
 COMPOSE_FILE=docker-compose.yml
 
 # --------------------------------------------------------------------------
@@ -159,6 +160,14 @@ if [[ $have_python -eq 1 && ${#BUILT[@]} -gt 0 ]]; then
 fi
 
 # --------------------------------------------------------------------------
+section "images: pinned, on supported lines, named in docs/operations.md#image-versions"
+if [[ $have_python -eq 1 ]]; then
+  check "third-party images in $COMPOSE_FILE and the k8s builds" \
+    "$PYTHON" deploy/tools/checks.py images --compose "$COMPOSE_FILE" \
+    --k8s "${BUILT[@]+"${BUILT[@]}"}" --docs docs/operations.md
+fi
+
+# --------------------------------------------------------------------------
 section "environment variable names vs. \`$TM_BIN config keys\`"
 if [[ ! -x "$TM_BIN" ]]; then
   fail "TM_BIN=$TM_BIN does not exist or is not executable: build it (cargo build -p taskmill) or pass TM_BIN=/path/to/taskmill"
@@ -178,6 +187,10 @@ if [[ $have_promtool -eq 1 ]]; then
   check "promtool check config deploy/prometheus/prometheus.yml" "$PROMTOOL" check config deploy/prometheus/prometheus.yml
   check "promtool check rules deploy/prometheus/alerts.yml" "$PROMTOOL" check rules deploy/prometheus/alerts.yml
   check "promtool test rules deploy/prometheus/alerts_test.yml" "$PROMTOOL" test rules deploy/prometheus/alerts_test.yml
+fi
+if [[ $have_python -eq 1 ]]; then
+  check "every alert's runbook_url is a heading of docs/operations.md" \
+    "$PYTHON" deploy/tools/checks.py runbooks --alerts deploy/prometheus/alerts.yml
 fi
 
 # --------------------------------------------------------------------------
