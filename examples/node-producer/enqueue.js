@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 'use strict';
 // Enqueue taskmill jobs from the command line with the Node producer
-// (taskmill.js). Prints one JSON line per job: {"id": "...", "kind": "...", "queue": "..."}.
+// (taskmill.js). Prints one JSON line per confirmed job:
+// {"id", "kind", "queue", "exchange", "routing_key"}.
 //
 //   node enqueue.js --url amqp://guest:guest@127.0.0.1:5672/%2f --queue default \
 //     --kind io.sleep --payload '{"ms": 250}' [--idempotency-key order-42] \
@@ -54,7 +55,7 @@ async function main() {
   const producer = await taskmill.connect(values.url);
   try {
     for (let i = 0; i < count; i++) {
-      const id = await producer.enqueue({
+      const { id, exchange, routingKey } = await producer.enqueueRouted({
         kind: values.kind,
         payload,
         queue: values.queue,
@@ -63,7 +64,8 @@ async function main() {
         timeoutMs: int('timeout-ms'),
         traceparent: values.traceparent,
       });
-      process.stdout.write(`${JSON.stringify({ id, kind: values.kind, queue: values.queue })}\n`);
+      const line = { id, kind: values.kind, queue: values.queue, exchange, routing_key: routingKey };
+      process.stdout.write(`${JSON.stringify(line)}\n`);
     }
   } finally {
     await producer.close();

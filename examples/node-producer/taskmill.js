@@ -87,9 +87,14 @@ class Producer {
   }
 
   // Publishes one job and resolves to its id once the broker confirmed it.
+  // (enqueueRouted also gives the exchange and routing key it used.)
   // job: { kind, payload, queue = 'default', idempotencyKey, timeoutMs,
   //        delayMs, traceparent, tracestate, jobId }
   async enqueue(job) {
+    return (await this.enqueueRouted(job)).id;
+  }
+
+  async enqueueRouted(job) {
     const body = validate(job, this.maxPayloadBytes);
     const queue = job.queue || 'default';
     const id = job.jobId || crypto.randomUUID();
@@ -141,7 +146,7 @@ class Producer {
       throw new EnqueueError(`job ${id} is unroutable: no queue ${JSON.stringify(queue)} is bound to exchange `
         + `${JSON.stringify(exchange)} (start a worker for the queue first, it declares the topology)`);
     }
-    return id;
+    return { id, exchange, routingKey };
   }
 
   async checkQueue(queue) {

@@ -6,34 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use taskmill_worker::{JobContext, WorkerBuilder};
-
-fn example_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/node-producer")
-}
-
-/// `node`, and the example's dependencies installed. Fails (never skips)
-/// with the remedy when either is missing: `make test` installs both.
-fn node() -> PathBuf {
-    let node = std::env::var_os("NODE").map_or_else(|| PathBuf::from("node"), PathBuf::from);
-    let version = std::process::Command::new(&node).arg("--version").output();
-    assert!(
-        version.as_ref().is_ok_and(|o| o.status.success()),
-        "`{}` cannot run: install Node.js 20 or newer (`make node-deps` does it with apt) or set NODE",
-        node.display()
-    );
-    let amqplib = example_dir().join("node_modules/amqplib/package.json");
-    assert!(
-        amqplib.exists(),
-        "{} is missing: run `make node-deps` (npm ci in examples/node-producer; `make test` runs it)",
-        amqplib.display()
-    );
-    node
-}
 
 /// One job as the handler saw it.
 #[derive(Clone, Debug)]
@@ -48,34 +25,16 @@ struct Seen {
 
 /// Runs `enqueue.js` with `args`; returns the job ids it printed.
 async fn enqueue(node: &Path, queue: &str, args: &[&str]) -> Vec<String> {
-    let out = tokio::process::Command::new(node)
-        .arg(example_dir().join("enqueue.js"))
-        .args(["--url", &common::amqp_url(), "--queue", queue])
-        .args(args)
-        .output()
+    common::node_enqueue(node, queue, args)
         .await
-        .expect("run node");
-    assert!(
-        out.status.success(),
-        "enqueue.js {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line per job");
-            assert_eq!(v["queue"], queue);
-            v["id"].as_str().expect("an id").to_string()
-        })
+        .into_iter()
+        .map(|j| j.id)
         .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_producer_jobs_run() {
-    let node = node();
+    let node = common::node();
     let queue = common::unique_queue("node");
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let s = seen.clone();
@@ -161,7 +120,9 @@ async fn node_producer_jobs_run() {
     assert!(
         common::eventually(Duration::from_secs(20), || {
             let got = seen.lock().unwrap();
-            all_ids.iter().all(|id| got.iter().any(|j| &&j.job_id == id))
+            all_ids
+                .iter()
+                .all(|id| got.iter().any(|j| &&j.job_id == id))
         })
         .await,
         "not every job published by node ran: {:?}",
@@ -170,7 +131,11 @@ async fn node_producer_jobs_run() {
     // Let a wrongly run duplicate show up.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got = seen.lock().unwrap().clone();
-    assert_eq!(got.len(), 5, "5 runs expected (3 plain, 1 keyed, 1 delayed): {got:?}");
+    assert_eq!(
+        got.len(),
+        5,
+        "5 runs expected (3 plain, 1 keyed, 1 delayed): {got:?}"
+    );
 
     for id in &plain {
         let j = got.iter().find(|j| &j.job_id == id).unwrap();
