@@ -91,6 +91,8 @@ section "docker-compose.yml"
 if [[ $have_python -eq 1 ]]; then
   check "compose: referenced files exist, stop_grace_period > drain grace" \
     "$PYTHON" deploy/tools/checks.py compose "$COMPOSE_FILE"
+  check "Jaeger v2 config: components and storage references resolve (no Jaeger binary here)" \
+    "$PYTHON" deploy/tools/checks.py jaeger deploy/compose/jaeger/config.yaml
 fi
 # `docker compose config` needs only the Compose v2 CLI, not an engine.
 COMPOSE=()

@@ -785,6 +785,42 @@ def cmd_runbooks(args: argparse.Namespace) -> int:
     return f.finish(f"{checked} alerts, each with a runbook_url whose anchor is a heading")
 
 
+# ---------------------------------------------------------------------------
+# jaeger: the Jaeger v2 config is consistent (no Jaeger binary offline)
+def cmd_jaeger(args: argparse.Namespace) -> int:
+    """What `jaeger --config` would refuse at start, checked by hand: every
+    component a pipeline names is defined, extensions are defined, and the
+    storage names the query extension and the exporter use exist."""
+    f = Failures(f"{args.file}")
+    doc = load_yaml_docs(Path(args.file))[0]
+    service = doc.get("service") or {}
+    for ext in service.get("extensions") or []:
+        if ext not in (doc.get("extensions") or {}):
+            f.add(f"service.extensions names {ext!r}, not defined under extensions")
+    pipelines = service.get("pipelines") or {}
+    if "traces" not in pipelines:
+        f.add("no traces pipeline")
+    for name, pl in pipelines.items():
+        for section in ("receivers", "processors", "exporters"):
+            for comp in (pl or {}).get(section) or []:
+                if comp not in (doc.get(section) or {}):
+                    f.add(f"pipeline {name}: {section[:-1]} {comp!r} is not defined under {section}")
+    backends = set(((doc.get("extensions") or {}).get("jaeger_storage") or {}).get("backends") or {})
+    query = ((doc.get("extensions") or {}).get("jaeger_query") or {}).get("storage") or {}
+    if query.get("traces") not in backends:
+        f.add(f"jaeger_query.storage.traces {query.get('traces')!r} is not a jaeger_storage backend {sorted(backends)}")
+    for name, exp in (doc.get("exporters") or {}).items():
+        if name.startswith("jaeger_storage_exporter") and (exp or {}).get("trace_storage") not in backends:
+            f.add(f"exporter {name}: trace_storage {(exp or {}).get('trace_storage')!r} is not a jaeger_storage backend")
+    otlp = ((doc.get("receivers") or {}).get("otlp") or {}).get("protocols") or {}
+    for proto, port in (("grpc", "4317"), ("http", "4318")):
+        endpoint = (otlp.get(proto) or {}).get("endpoint", "")
+        if not endpoint.endswith(":" + port) or endpoint.startswith(("localhost", "127.")):
+            f.add(f"receivers.otlp.protocols.{proto}.endpoint {endpoint!r}: workers send OTLP to jaeger:{port}, "
+                  f"so it must listen on all interfaces (0.0.0.0:{port})")
+    return f.finish(f"{args.file}: pipelines name defined components, storage names resolve, OTLP on 4317/4318")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -838,6 +874,10 @@ def main() -> int:
     r.add_argument("--alerts", default="deploy/prometheus/alerts.yml")
     r.add_argument("--root", default=".", help="the repository root runbook_url paths are relative to")
     r.set_defaults(func=cmd_runbooks)
+
+    j = sub.add_parser("jaeger", help="the Jaeger v2 config is internally consistent")
+    j.add_argument("file")
+    j.set_defaults(func=cmd_jaeger)
 
     args = ap.parse_args()
     return args.func(args)
