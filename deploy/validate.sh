@@ -147,6 +147,37 @@ if [[ $have_kubectl -eq 1 ]]; then
   done
 fi
 
+# An overlay of prod that changes the CPU pool size, as docs/operations.md#scaling
+# tells users to write it: the cpu trigger's target must follow.
+if [[ $have_kubectl -eq 1 ]]; then
+  mkdir -p "$WORK/cpu-overlay"
+  rel() { realpath --relative-to="$WORK/cpu-overlay" "$ROOT/$1"; }
+  cat > "$WORK/cpu-overlay/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - $(rel deploy/k8s/overlays/prod)
+configMapGenerator:
+  - name: taskmill-config
+    behavior: merge
+    literals:
+      - TASKMILL_CPU_PROCESSES=7
+components:
+  - $(rel deploy/k8s/components/keda-cpu-target)
+EOF
+  if "$KUBECTL" kustomize "$WORK/cpu-overlay" > "$WORK/cpu-overlay.yaml" 2> "$WORK/kustomize.err"; then
+    if grep -q 'value: "7"' "$WORK/cpu-overlay.yaml"; then
+      printf 'ok   an overlay with TASKMILL_CPU_PROCESSES=7 gets a cpu trigger target of 7\n'
+      BUILT+=("$WORK/cpu-overlay.yaml")
+    else
+      fail "an overlay with TASKMILL_CPU_PROCESSES=7: the cpu trigger's value did not follow"
+    fi
+  else
+    sed 's/^/     /' "$WORK/kustomize.err"
+    fail "kubectl kustomize of an overlay of prod with TASKMILL_CPU_PROCESSES=7"
+  fi
+fi
+
 section "Kubernetes: schemas (kubernetes-validate $KUBE_VERSION strict; CRDs against deploy/k8s/schemas) and policy"
 if [[ $have_python -eq 1 && ${#BUILT[@]} -gt 0 ]]; then
   for f in "${BUILT[@]}"; do
