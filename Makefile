@@ -62,9 +62,9 @@ $(NODE_DIR)/node_modules/.package-lock.json: $(NODE_DIR)/package-lock.json $(NOD
 	@command -v node >/dev/null && command -v npm >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; \
-	  else echo "node and npm are missing: install Node.js 20+ with npm (Debian: apt-get install nodejs npm)" >&2; exit 1; fi; }
-	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' || { \
-	  echo "Node.js $$(node --version) is too old: examples/node-producer needs 20 or newer" >&2; exit 1; }
+	  else echo "node and npm are missing: install Node.js 18+ with npm (Debian: apt-get install nodejs npm)" >&2; exit 1; fi; }
+	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 18 ? 0 : 1)' || { \
+	  echo "Node.js $$(node --version) is too old: examples/node-producer needs 18 or newer (amqplib 2)" >&2; exit 1; }
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund
 	touch $@
 

@@ -349,7 +349,7 @@ pub fn node() -> std::path::PathBuf {
     let version = std::process::Command::new(&node).arg("--version").output();
     assert!(
         version.as_ref().is_ok_and(|o| o.status.success()),
-        "`{}` cannot run: install Node.js 20 or newer (`make node-deps` does it with apt) or set NODE",
+        "`{}` cannot run: install Node.js 18 or newer (`make node-deps` does it with apt) or set NODE",
         node.display()
     );
     let amqplib = node_example_dir().join("node_modules/amqplib/package.json");
