@@ -497,6 +497,12 @@ def policy_checks(label: str, docs: list[dict], args: argparse.Namespace) -> int
     for cm in by_kind.get("ConfigMap", []):
         if ((cm.get("metadata") or {}).get("labels") or {}).get("grafana_dashboard") is None:
             continue
+        size = sum(len(v.encode()) for v in (cm.get("data") or {}).values())
+        if size > 200 * 1024:
+            # `kubectl apply` (client side) copies the object into the
+            # last-applied annotation; annotations are limited to 256 KiB.
+            p.add(f"ConfigMap/{cm['metadata']['name']}: {size} bytes of dashboards, over 200 KiB "
+                  f"(client-side `kubectl apply` would hit the 256 KiB annotation limit)")
         if cm["metadata"]["labels"]["grafana_dashboard"] != "1":
             p.add(f"ConfigMap/{cm['metadata']['name']}: label grafana_dashboard is not \"1\"")
         for key, text in (cm.get("data") or {}).items():
