@@ -5,14 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TM_BIN := target/debug/taskmill
 
-.PHONY: run test build lint services venv promtool deploy-check clean
+.PHONY: run test build lint services venv promtool node-deps deploy-check clean
 
 ## run: set up what is missing (RabbitMQ), build, and run the demo.
 run: services
 	$(CARGO) run --release -p taskmill -- demo
 
 ## test: the whole suite against the real broker and database.
-test: services-all venv promtool
+test: services-all venv promtool node-deps
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --no-fail-fast
 	TM_BIN=$(TM_BIN) PYTHON=$(PY) deploy/validate.sh
@@ -51,6 +51,23 @@ promtool:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 	  else echo "promtool is missing: install Debian's 'prometheus' package" >&2; exit 1; fi; }
 
+# The Node.js producer example (examples/node-producer): its test publishes
+# with it. `npm ci` installs exactly the committed package-lock.json from the
+# npm registry. Without node/npm, install Debian's packages (as root), else stop
+# with the reason: the test fails rather than skip when they are missing.
+NODE_DIR := examples/node-producer
+node-deps: $(NODE_DIR)/node_modules/.package-lock.json
+
+$(NODE_DIR)/node_modules/.package-lock.json: $(NODE_DIR)/package-lock.json $(NODE_DIR)/package.json
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; \
+	  else echo "node and npm are missing: install Node.js 18+ with npm (Debian: apt-get install nodejs npm)" >&2; exit 1; fi; }
+	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 18 ? 0 : 1)' || { \
+	  echo "Node.js $$(node --version) is too old: examples/node-producer needs 18 or newer (amqplib 2)" >&2; exit 1; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+	touch $@
+
 # Standalone: builds the binary whose `config keys` the env-name check reads.
 deploy-check: venv promtool
 	$(CARGO) build -p taskmill
@@ -58,4 +75,4 @@ deploy-check: venv promtool
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(NODE_DIR)/node_modules

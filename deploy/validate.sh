@@ -44,8 +44,9 @@ check() {
   if [[ $rc -eq 0 ]]; then printf 'ok   %s\n' "$name"; else fail "$name (exit $rc)"; fi
 }
 
-# The k8s trees that must build. prod-hpa is the HPA variant of prod.
-K8S_TREES=(deploy/k8s/base deploy/k8s/overlays/dev deploy/k8s/overlays/prod deploy/k8s/overlays/prod-hpa)
+# The k8s trees that must build. prod-hpa is the HPA variant of prod;
+# deploy/grafana is the dashboard ConfigMap (components/grafana-dashboard).
+K8S_TREES=(deploy/k8s/base deploy/k8s/overlays/dev deploy/k8s/overlays/prod deploy/k8s/overlays/prod-hpa deploy/grafana)
 COMPOSE_FILE=docker-compose.yml
 
 # --------------------------------------------------------------------------
@@ -90,6 +91,8 @@ section "docker-compose.yml"
 if [[ $have_python -eq 1 ]]; then
   check "compose: referenced files exist, stop_grace_period > drain grace" \
     "$PYTHON" deploy/tools/checks.py compose "$COMPOSE_FILE"
+  check "Jaeger v2 config: components and storage references resolve (no Jaeger binary here)" \
+    "$PYTHON" deploy/tools/checks.py jaeger deploy/compose/jaeger/config.yaml
 fi
 # `docker compose config` needs only the Compose v2 CLI, not an engine.
 COMPOSE=()
@@ -144,6 +147,37 @@ if [[ $have_kubectl -eq 1 ]]; then
   done
 fi
 
+# An overlay of prod that changes the CPU pool size, as docs/operations.md#scaling
+# tells users to write it: the cpu trigger's target must follow.
+if [[ $have_kubectl -eq 1 ]]; then
+  mkdir -p "$WORK/cpu-overlay"
+  rel() { realpath --relative-to="$WORK/cpu-overlay" "$ROOT/$1"; }
+  cat > "$WORK/cpu-overlay/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - $(rel deploy/k8s/overlays/prod)
+configMapGenerator:
+  - name: taskmill-config
+    behavior: merge
+    literals:
+      - TASKMILL_CPU_PROCESSES=7
+components:
+  - $(rel deploy/k8s/components/keda-cpu-target)
+EOF
+  if "$KUBECTL" kustomize "$WORK/cpu-overlay" > "$WORK/cpu-overlay.yaml" 2> "$WORK/kustomize.err"; then
+    if grep -q 'value: "7"' "$WORK/cpu-overlay.yaml"; then
+      printf 'ok   an overlay with TASKMILL_CPU_PROCESSES=7 gets a cpu trigger target of 7\n'
+      BUILT+=("$WORK/cpu-overlay.yaml")
+    else
+      fail "an overlay with TASKMILL_CPU_PROCESSES=7: the cpu trigger's value did not follow"
+    fi
+  else
+    sed 's/^/     /' "$WORK/kustomize.err"
+    fail "kubectl kustomize of an overlay of prod with TASKMILL_CPU_PROCESSES=7"
+  fi
+fi
+
 section "Kubernetes: schemas (kubernetes-validate $KUBE_VERSION strict; CRDs against deploy/k8s/schemas) and policy"
 if [[ $have_python -eq 1 && ${#BUILT[@]} -gt 0 ]]; then
   for f in "${BUILT[@]}"; do
@@ -156,6 +190,14 @@ if [[ $have_python -eq 1 && ${#BUILT[@]} -gt 0 ]]; then
     deploy/k8s/secret.example.yaml --built "${BUILT[@]}"
   check "PrometheusRule is generated from deploy/prometheus/alerts.yml" \
     "$PYTHON" deploy/tools/checks.py prometheusrule
+fi
+
+# --------------------------------------------------------------------------
+section "images: pinned, on supported lines, named in docs/operations.md#image-versions"
+if [[ $have_python -eq 1 ]]; then
+  check "third-party images in $COMPOSE_FILE and the k8s builds" \
+    "$PYTHON" deploy/tools/checks.py images --compose "$COMPOSE_FILE" \
+    --k8s "${BUILT[@]+"${BUILT[@]}"}" --docs docs/operations.md
 fi
 
 # --------------------------------------------------------------------------
@@ -178,6 +220,10 @@ if [[ $have_promtool -eq 1 ]]; then
   check "promtool check config deploy/prometheus/prometheus.yml" "$PROMTOOL" check config deploy/prometheus/prometheus.yml
   check "promtool check rules deploy/prometheus/alerts.yml" "$PROMTOOL" check rules deploy/prometheus/alerts.yml
   check "promtool test rules deploy/prometheus/alerts_test.yml" "$PROMTOOL" test rules deploy/prometheus/alerts_test.yml
+fi
+if [[ $have_python -eq 1 ]]; then
+  check "every alert's runbook_url is a heading of docs/operations.md" \
+    "$PYTHON" deploy/tools/checks.py runbooks --alerts deploy/prometheus/alerts.yml
 fi
 
 # --------------------------------------------------------------------------

@@ -361,6 +361,19 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     return rc
 
 
+def worker_env(dep: dict, configmaps: dict) -> dict:
+    """The environment of a Deployment's worker container (envFrom ConfigMaps, then env values)."""
+    pod = dep["spec"]["template"]["spec"]
+    worker = next((c for c in pod.get("containers") or [] if "worker" in (c.get("args") or [])), None)
+    env: dict = {}
+    if worker is None:
+        return env
+    for ref in worker.get("envFrom") or []:
+        env.update(configmaps.get((ref.get("configMapRef") or {}).get("name"), {}))
+    env.update({e["name"]: e.get("value") for e in worker.get("env") or [] if "value" in e})
+    return env
+
+
 def policy_checks(label: str, docs: list[dict], args: argparse.Namespace) -> int:
     p = Failures(f"{label}: policy")
     by_kind: dict[str, list[dict]] = {}
@@ -448,7 +461,60 @@ def policy_checks(label: str, docs: list[dict], args: argparse.Namespace) -> int
         mounts = {m["mountPath"] for m in worker.get("volumeMounts") or []}
         if data_dir and data_dir not in mounts:
             p.add(f"{wname}: TASKMILL_DATA_DIR {data_dir} is not a mounted volume (root filesystem is read-only)")
-    return p.finish(f"{label}: no Secrets, one autoscaler per Deployment, restricted securityContext, no service links, "
+    # KEDA scales on every queue the worker serves, the CPU queue's target
+    # being the CPU pool size of one replica.
+    for so in by_kind.get("ScaledObject", []):
+        target = so["spec"]["scaleTargetRef"]["name"]
+        dep = next((d for d in by_kind.get("Deployment", []) if d["metadata"]["name"] == target), None)
+        if dep is None:
+            continue
+        env = worker_env(dep, configmaps)
+        served = [q.strip() for q in env.get("TASKMILL_QUEUES", "default").split(",") if q.strip()]
+        served += [q.strip() for q in env.get("TASKMILL_CELERY_QUEUES", "").split(",") if q.strip()]
+        cpu_queue = env.get("TASKMILL_CPU_QUEUE", "cpu")
+        served.append(cpu_queue)
+        triggers = {}
+        for t in so["spec"].get("triggers") or []:
+            if t.get("type") == "rabbitmq":
+                triggers[(t.get("metadata") or {}).get("queueName")] = (t.get("metadata") or {}).get("value")
+        for q in served:
+            if q not in triggers:
+                p.add(f"ScaledObject/{so['metadata']['name']}: no rabbitmq trigger for served queue {q!r}")
+        for q, v in triggers.items():
+            if q not in served:
+                p.add(f"ScaledObject/{so['metadata']['name']}: trigger on {q!r}, which the worker does not serve")
+            elif not str(v).isdigit() or int(v) < 1:
+                p.add(f"ScaledObject/{so['metadata']['name']}: trigger {q!r} has value {v!r}, not a positive integer")
+        procs = env.get("TASKMILL_CPU_PROCESSES")
+        if cpu_queue in triggers and procs is not None and str(triggers[cpu_queue]) != str(procs):
+            p.add(f"ScaledObject/{so['metadata']['name']}: the {cpu_queue!r} trigger's value {triggers[cpu_queue]!r} "
+                  f"is not TASKMILL_CPU_PROCESSES ({procs})")
+        elif cpu_queue in triggers and procs is None:
+            p.add(f"Deployment/{target}: TASKMILL_CPU_PROCESSES is not set, so the {cpu_queue!r} trigger's target "
+                  f"cannot follow the pool size")
+
+    # The Grafana dashboard ConfigMap is the dashboard file, byte for byte.
+    for cm in by_kind.get("ConfigMap", []):
+        if ((cm.get("metadata") or {}).get("labels") or {}).get("grafana_dashboard") is None:
+            continue
+        size = sum(len(v.encode()) for v in (cm.get("data") or {}).values())
+        if size > 200 * 1024:
+            # `kubectl apply` (client side) copies the object into the
+            # last-applied annotation; annotations are limited to 256 KiB.
+            p.add(f"ConfigMap/{cm['metadata']['name']}: {size} bytes of dashboards, over 200 KiB "
+                  f"(client-side `kubectl apply` would hit the 256 KiB annotation limit)")
+        if cm["metadata"]["labels"]["grafana_dashboard"] != "1":
+            p.add(f"ConfigMap/{cm['metadata']['name']}: label grafana_dashboard is not \"1\"")
+        for key, text in (cm.get("data") or {}).items():
+            src = Path(args.dashboards) / key
+            if not src.is_file():
+                p.add(f"ConfigMap/{cm['metadata']['name']}: key {key} has no source {src}")
+            elif src.read_text() != text:
+                p.add(f"ConfigMap/{cm['metadata']['name']}: key {key} differs from {src}")
+            else:
+                json.loads(text)
+    return p.finish(f"{label}: no Secrets, one autoscaler per Deployment, KEDA triggers on every served queue, "
+                    f"dashboard ConfigMaps equal their source, restricted securityContext, no service links, "
                     f"probes, termination grace > drain grace + {args.margin_ms} ms")
 
 
@@ -595,6 +661,172 @@ def cmd_prometheusrule(args: argparse.Namespace) -> int:
     return f.finish(f"{out} matches {args.alerts}")
 
 
+# ---------------------------------------------------------------------------
+# images: every third-party image is pinned to an exact tag on a supported
+# line, and docs/operations.md#image-versions names the same tags.
+#
+# repository -> (lowest supported (major, minor), required tag fragment or
+# None, why). One place for the policy; bump it with the images.
+IMAGE_LINES = {
+    # 4.3: a dead letter returned after a `dlq list` browse no longer counts
+    # against the quorum delivery limit (4.0-4.2 drop it after ~20 scans).
+    "rabbitmq": ((4, 3), "management", "RabbitMQ 4.3 or newer with the management plugin (the -management image)"),
+    "jaegertracing/jaeger": ((2, 0), None, "Jaeger v2 (OTLP in, configured by a YAML file)"),
+    "prom/prometheus": ((3, 0), None, "Prometheus v3"),
+    "grafana/grafana": ((12, 0), None, "Grafana 12 or newer"),
+    "postgres": ((16, 0), None, "PostgreSQL 16 or newer"),
+}
+# Repositories of lines that are no longer released.
+IMAGE_RETIRED = {
+    "jaegertracing/all-in-one": "Jaeger v1 all-in-one; use jaegertracing/jaeger (v2)",
+}
+_INTERP = re.compile(r"\$\{([A-Z0-9_]+):-([^}]*)\}")
+# x.y.z, or x.y for images whose releases have two parts (PostgreSQL 16.6),
+# with an optional variant suffix (-management, -bookworm).
+_EXACT = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?(?:-[A-Za-z0-9.-]+)?$")
+
+
+def compose_images(path: Path) -> list[tuple[str, str]]:
+    doc = load_yaml_docs(path)[0]
+    out = []
+    for name, svc in (doc.get("services") or {}).items():
+        image = (svc or {}).get("image")
+        if image:
+            # The default of a ${VAR:-default} is what `docker compose up` pulls.
+            out.append((f"{path} service {name}", _INTERP.sub(lambda m: m.group(2), image)))
+    return out
+
+
+def k8s_images(path: Path) -> list[tuple[str, str]]:
+    out = []
+    for d in load_yaml_docs(path):
+        where = f"{path.name}: {d.get('kind')}/{(d.get('metadata') or {}).get('name')}"
+        if d.get("kind") == "RabbitmqCluster" and (d.get("spec") or {}).get("image"):
+            out.append((where, d["spec"]["image"]))
+        pod = ((d.get("spec") or {}).get("template") or {}).get("spec") or {}
+        for c in list(pod.get("initContainers") or []) + list(pod.get("containers") or []):
+            out.append((f"{where} container {c['name']}", c["image"]))
+    return out
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    f = Failures("images")
+    found: list[tuple[str, str]] = []
+    for c in args.compose:
+        found += compose_images(Path(c))
+    for k in args.k8s:
+        found += k8s_images(Path(k))
+    docs_text = "\n".join(Path(d).read_text() for d in args.docs)
+    seen = set()
+    for where, image in found:
+        repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
+        if repo == "taskmill" or repo.endswith("/taskmill"):
+            continue  # our own image: its tag is the release, set by the overlay
+        if repo in IMAGE_RETIRED:
+            f.add(f"{where}: {image}: {IMAGE_RETIRED[repo]}")
+            continue
+        if repo not in IMAGE_LINES:
+            f.add(f"{where}: {image}: no supported line recorded in checks.py IMAGE_LINES")
+            continue
+        low, fragment, why = IMAGE_LINES[repo]
+        m = _EXACT.match(tag)
+        if not m:
+            f.add(f"{where}: {image}: not pinned to an exact version tag (x.y.z)")
+            continue
+        if (int(m.group(1)), int(m.group(2))) < low:
+            f.add(f"{where}: {image}: below the supported line ({why})")
+        if fragment and fragment not in tag:
+            f.add(f"{where}: {image}: tag lacks '{fragment}' ({why})")
+        if f"{repo}:{tag}" not in docs_text and f"`{tag}`" not in docs_text:
+            f.add(f"{where}: {image}: not named in {', '.join(args.docs)} (keep the version table true)")
+        seen.add(image)
+    return f.finish(f"{len(found)} image references, {len(seen)} distinct pinned images on supported lines "
+                    f"and named in the docs: {', '.join(sorted(seen))}")
+
+
+# ---------------------------------------------------------------------------
+# runbooks: every alert's runbook_url points at a heading that exists
+def markdown_anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to
+    dashes, repeats numbered -1, -2, ... Fenced code blocks hold no headings."""
+    anchors: set[str] = set()
+    counts: dict[str, int] = {}
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        m = None if fenced else re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(2).strip().lower()).replace(" ", "-")
+        n = counts.get(slug, 0)
+        counts[slug] = n + 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def cmd_runbooks(args: argparse.Namespace) -> int:
+    f = Failures(f"{args.alerts}: runbook_url")
+    rules = load_yaml_docs(Path(args.alerts))[0]
+    root = Path(args.root)
+    checked = 0
+    for g in rules.get("groups") or []:
+        for r in g.get("rules") or []:
+            if "alert" not in r:
+                continue
+            checked += 1
+            url = (r.get("annotations") or {}).get("runbook_url")
+            if not url:
+                f.add(f"{r['alert']}: no runbook_url annotation")
+                continue
+            path, _, anchor = url.partition("#")
+            doc = root / path
+            if not anchor:
+                f.add(f"{r['alert']}: runbook_url {url} has no #anchor (point at the alert's section)")
+            elif not doc.is_file():
+                f.add(f"{r['alert']}: runbook_url {url}: {doc} does not exist")
+            elif anchor not in markdown_anchors(doc.read_text()):
+                f.add(f"{r['alert']}: runbook_url {url}: no heading with anchor #{anchor} in {path}")
+    return f.finish(f"{checked} alerts, each with a runbook_url whose anchor is a heading")
+
+
+# ---------------------------------------------------------------------------
+# jaeger: the Jaeger v2 config is consistent (no Jaeger binary offline)
+def cmd_jaeger(args: argparse.Namespace) -> int:
+    """What `jaeger --config` would refuse at start, checked by hand: every
+    component a pipeline names is defined, extensions are defined, and the
+    storage names the query extension and the exporter use exist."""
+    f = Failures(f"{args.file}")
+    doc = load_yaml_docs(Path(args.file))[0]
+    service = doc.get("service") or {}
+    for ext in service.get("extensions") or []:
+        if ext not in (doc.get("extensions") or {}):
+            f.add(f"service.extensions names {ext!r}, not defined under extensions")
+    pipelines = service.get("pipelines") or {}
+    if "traces" not in pipelines:
+        f.add("no traces pipeline")
+    for name, pl in pipelines.items():
+        for section in ("receivers", "processors", "exporters"):
+            for comp in (pl or {}).get(section) or []:
+                if comp not in (doc.get(section) or {}):
+                    f.add(f"pipeline {name}: {section[:-1]} {comp!r} is not defined under {section}")
+    backends = set(((doc.get("extensions") or {}).get("jaeger_storage") or {}).get("backends") or {})
+    query = ((doc.get("extensions") or {}).get("jaeger_query") or {}).get("storage") or {}
+    if query.get("traces") not in backends:
+        f.add(f"jaeger_query.storage.traces {query.get('traces')!r} is not a jaeger_storage backend {sorted(backends)}")
+    for name, exp in (doc.get("exporters") or {}).items():
+        if name.startswith("jaeger_storage_exporter") and (exp or {}).get("trace_storage") not in backends:
+            f.add(f"exporter {name}: trace_storage {(exp or {}).get('trace_storage')!r} is not a jaeger_storage backend")
+    otlp = ((doc.get("receivers") or {}).get("otlp") or {}).get("protocols") or {}
+    for proto, port in (("grpc", "4317"), ("http", "4318")):
+        endpoint = (otlp.get(proto) or {}).get("endpoint", "")
+        if not endpoint.endswith(":" + port) or endpoint.startswith(("localhost", "127.")):
+            f.add(f"receivers.otlp.protocols.{proto}.endpoint {endpoint!r}: workers send OTLP to jaeger:{port}, "
+                  f"so it must listen on all interfaces (0.0.0.0:{port})")
+    return f.finish(f"{args.file}: pipelines name defined components, storage names resolve, OTLP on 4317/4318")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -615,6 +847,8 @@ def main() -> int:
     k.add_argument("--secret-name", default="taskmill-credentials")
     k.add_argument("--margin-ms", type=int, default=10000)
     k.add_argument("--label")
+    k.add_argument("--dashboards", default="deploy/grafana/dashboards",
+                   help="folder of the dashboard files the grafana_dashboard ConfigMaps are generated from")
     k.add_argument("files", nargs="+")
     k.set_defaults(func=cmd_k8s)
 
@@ -635,6 +869,21 @@ def main() -> int:
     p.add_argument("--source-label", default="deploy/prometheus/alerts.yml")
     p.add_argument("--write", action="store_true")
     p.set_defaults(func=cmd_prometheusrule)
+
+    i = sub.add_parser("images", help="third-party images are pinned, on supported lines, named in the docs")
+    i.add_argument("--compose", nargs="*", default=[])
+    i.add_argument("--k8s", nargs="*", default=[], help="built manifests")
+    i.add_argument("--docs", nargs="+", required=True)
+    i.set_defaults(func=cmd_images)
+
+    r = sub.add_parser("runbooks", help="every alert's runbook_url resolves to a heading")
+    r.add_argument("--alerts", default="deploy/prometheus/alerts.yml")
+    r.add_argument("--root", default=".", help="the repository root runbook_url paths are relative to")
+    r.set_defaults(func=cmd_runbooks)
+
+    j = sub.add_parser("jaeger", help="the Jaeger v2 config is internally consistent")
+    j.add_argument("file")
+    j.set_defaults(func=cmd_jaeger)
 
     args = ap.parse_args()
     return args.func(args)

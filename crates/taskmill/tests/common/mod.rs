@@ -332,3 +332,82 @@ pub async fn settled_depth(broker: &Broker, queue: &str, timeout: Duration) -> u
         }
     }
 }
+
+/// The Node.js producer example, `examples/node-producer/`.
+pub fn node_example_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/node-producer")
+}
+
+/// `node` (or `NODE`), checked to run, with the example's dependencies
+/// installed. Fails (never skips) with the remedy when either is missing:
+/// `make test` installs both (`make node-deps`).
+pub fn node() -> std::path::PathBuf {
+    let node = std::env::var_os("NODE").map_or_else(
+        || std::path::PathBuf::from("node"),
+        std::path::PathBuf::from,
+    );
+    let version = std::process::Command::new(&node).arg("--version").output();
+    assert!(
+        version.as_ref().is_ok_and(|o| o.status.success()),
+        "`{}` cannot run: install Node.js 18 or newer (`make node-deps` does it with apt) or set NODE",
+        node.display()
+    );
+    let amqplib = node_example_dir().join("node_modules/amqplib/package.json");
+    assert!(
+        amqplib.exists(),
+        "{} is missing: run `make node-deps` (npm ci in examples/node-producer; `make test` runs it)",
+        amqplib.display()
+    );
+    node
+}
+
+/// One job the Node example published, as `enqueue.js` reports it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct NodeJob {
+    pub id: String,
+    pub queue: String,
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+/// Runs the Node example's `enqueue.js` for `queue` with `args`; returns
+/// the jobs the broker confirmed. Panics with its output if it fails.
+pub async fn node_enqueue(node: &std::path::Path, queue: &str, args: &[&str]) -> Vec<NodeJob> {
+    let out = tokio::process::Command::new(node)
+        .arg(node_example_dir().join("enqueue.js"))
+        .args(["--url", &amqp_url(), "--queue", queue])
+        .args(args)
+        .output()
+        .await
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "enqueue.js {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let job: NodeJob = serde_json::from_str(l).expect("a JSON line per job");
+            assert_eq!(job.queue, queue);
+            job
+        })
+        .collect()
+}
+
+/// The virtualenv's Python (pika, jsonschema), or `PIKA_PYTHON`.
+pub fn venv_python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("PIKA_PYTHON") {
+        return std::path::PathBuf::from(p);
+    }
+    let venv = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} is missing: run `make venv` (make test creates it) or set PIKA_PYTHON",
+        venv.display()
+    );
+    venv
+}
