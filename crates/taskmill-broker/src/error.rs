@@ -53,6 +53,13 @@ impl BrokerError {
         let op = op.into();
         move |source| BrokerError::Op { op, source }
     }
+
+    /// Whether the broker answered NOT_FOUND: a queue or exchange that does
+    /// not exist, which no retry mends until something declares it.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, BrokerError::Op { source, .. }
+            if is_soft_error(source, lapin::protocol::AMQPSoftError::NOTFOUND))
+    }
 }
 
 /// Whether the broker refused an operation with the soft error `kind`

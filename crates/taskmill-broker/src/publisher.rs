@@ -220,6 +220,11 @@ impl Outgoing {
         &self.routing_key
     }
 
+    /// The exchange (`""`: the default exchange).
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
     /// Size of the body in bytes.
     pub fn body_len(&self) -> usize {
         self.body.len()

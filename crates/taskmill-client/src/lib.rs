@@ -60,6 +60,19 @@ pub enum EnqueueError {
         "queue `{0}` does not exist (start a worker for it first): a delayed job needs its queue"
     )]
     NoSuchQueue(String),
+    /// The exchange (or queue) the job goes through does not exist in the
+    /// vhost: nothing declared taskmill's topology there yet.
+    #[error(
+        "exchange `{exchange}` or queue `{queue}` does not exist in this vhost: start a worker for queue `{queue}` first, it declares the topology ({source})"
+    )]
+    NoTopology {
+        /// The exchange published to.
+        exchange: String,
+        /// The job's queue.
+        queue: String,
+        /// The broker's answer.
+        source: BrokerError,
+    },
     /// The delay is longer than the delay ladder can express.
     #[error("{0}")]
     Delay(String),
@@ -310,9 +323,15 @@ impl Client {
 
     async fn enqueue_in_span(&self, job: NewJob) -> Result<String, EnqueueError> {
         let conn = self.conn().await?;
+        let queue = job.env.queue.clone();
         let (id, msg) = self.prepare(job, &conn).await?;
         match conn.publisher.publish(&msg).await {
             Ok(_) => Ok(id),
+            Err(PublishError::Broker(e)) if e.is_not_found() => Err(EnqueueError::NoTopology {
+                exchange: msg.exchange().to_string(),
+                queue: queue.clone(),
+                source: e,
+            }),
             Err(PublishError::Broker(e)) => {
                 // The channel died before the confirm: the broker may or may
                 // not have the message. Publish again on a new connection;

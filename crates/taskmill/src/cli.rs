@@ -113,8 +113,9 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 /// Reads the TOML file at `path` and parses it. Core only parses (it does
 /// no IO); the errors still name the file, and for a bad key its line.
 fn read_config_file(path: &std::path::Path) -> anyhow::Result<Config> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        crate::report::UsageError(format!("cannot read config file {}: {e}", path.display()))
+    })?;
     Ok(Config::from_toml(&text, path)?)
 }
 
@@ -150,10 +151,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
+        Err(e) => crate::report::report(&e),
     }
 }
 
@@ -179,9 +177,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         _ => {}
     }
+    // The tools report a broker failure once, as their error; lapin's own
+    // ERROR lines about the same failure would only repeat it (unless the
+    // filter names lapin).
+    let tool = matches!(cli.command, Command::Enqueue(_) | Command::Dlq(_));
+    let log_level = if tool && !config.log_level.contains("lapin") {
+        format!("{},lapin=off", config.log_level)
+    } else {
+        config.log_level.clone()
+    };
     taskmill_telemetry::logging::init(
         config.log_format == taskmill_core::config::LogFormat::Json,
-        &config.log_level,
+        &log_level,
     )
     .map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

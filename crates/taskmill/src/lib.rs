@@ -8,7 +8,9 @@
 //!   `cpu.hash`, `cpu.primes`) and the diagnostic kinds, from `taskmill-kinds`.
 //! - [`commands`]: one module per subcommand; `bench` only turns its flags
 //!   into `taskmill_bench::Options`.
+//! - [`report`]: a failure as one line with its remedy, and the exit status.
 
 pub mod cli;
 pub mod commands;
+pub mod report;
 pub use taskmill_kinds as kinds;

@@ -94,7 +94,7 @@ fn enqueue_fails_clearly_when_the_broker_is_unreachable() {
         ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot connect to the broker"), "{err}");
     assert!(!err.contains("secret"), "password leaked: {err}");
@@ -113,6 +113,6 @@ fn enqueue_to_undeclared_queue_fails() {
         ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unroutable"));
 }
