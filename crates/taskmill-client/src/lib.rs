@@ -71,7 +71,7 @@ pub enum EnqueueError {
         /// The job's queue.
         queue: String,
         /// The broker's answer.
-        source: BrokerError,
+        source: Box<BrokerError>,
     },
     /// The delay is longer than the delay ladder can express.
     #[error("{0}")]
@@ -330,7 +330,7 @@ impl Client {
             Err(PublishError::Broker(e)) if e.is_not_found() => Err(EnqueueError::NoTopology {
                 exchange: msg.exchange().to_string(),
                 queue: queue.clone(),
-                source: e,
+                source: Box::new(e),
             }),
             Err(PublishError::Broker(e)) => {
                 // The channel died before the confirm: the broker may or may
