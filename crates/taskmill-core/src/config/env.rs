@@ -52,11 +52,11 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
         Ok(())
     }),
     ("TASKMILL_SHUTDOWN_GRACE_MS", |c, v| {
-        c.shutdown_grace_ms = parse(v)?;
+        c.shutdown_grace_ms = super::duration::parse_ms(v)?;
         Ok(())
     }),
     ("TASKMILL_JOB_TIMEOUT_MS", |c, v| {
-        c.job_timeout_ms = parse(v)?;
+        c.job_timeout_ms = super::duration::parse_ms(v)?;
         Ok(())
     }),
     ("TASKMILL_MAX_ATTEMPTS", |c, v| {
@@ -64,7 +64,7 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
         Ok(())
     }),
     ("TASKMILL_BACKOFF_BASE_MS", |c, v| {
-        c.backoff_base_ms = parse(v)?;
+        c.backoff_base_ms = super::duration::parse_ms(v)?;
         Ok(())
     }),
     ("TASKMILL_BACKOFF_FACTOR", |c, v| {
@@ -76,7 +76,7 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
         Ok(())
     }),
     ("TASKMILL_BACKOFF_MAX_MS", |c, v| {
-        c.backoff_max_ms = parse(v)?;
+        c.backoff_max_ms = super::duration::parse_ms(v)?;
         Ok(())
     }),
     ("TASKMILL_STORE_RETENTION_HOURS", |c, v| {
@@ -88,19 +88,19 @@ const ENV_KEYS: &[(&str, EnvSetter)] = &[
         Ok(())
     }),
     ("TASKMILL_CONSUME_WATCHDOG_MS", |c, v| {
-        c.consume_watchdog_ms = parse(v)?;
+        c.consume_watchdog_ms = super::duration::parse_ms(v)?;
         Ok(())
     }),
     ("TASKMILL_LEASE_MS", |c, v| {
-        c.lease_ms = parse(v)?;
+        c.lease_ms = super::duration::parse_ms(v)?;
         Ok(())
     }),
     ("TASKMILL_HEARTBEAT_MS", |c, v| {
-        c.heartbeat_ms = parse(v)?;
+        c.heartbeat_ms = super::duration::parse_ms(v)?;
         Ok(())
     }),
     ("TASKMILL_BROKER_CONSUMER_TIMEOUT_MS", |c, v| {
-        c.broker_consumer_timeout_ms = parse(v)?;
+        c.broker_consumer_timeout_ms = super::duration::parse_ms(v)?;
         Ok(())
     }),
     ("TASKMILL_MAX_PAYLOAD_BYTES", |c, v| {

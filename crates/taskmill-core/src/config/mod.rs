@@ -22,10 +22,12 @@ use crate::redact::redact_url;
 use crate::retry::{Jitter, RetryPolicy};
 use crate::wire::DEFAULT_QUEUE;
 
+mod duration;
 mod env;
 mod secrets;
 mod validate;
 
+pub use duration::parse_ms;
 pub use env::{OTHER_ENV, env_keys, no_files};
 pub use secrets::{FILE_ENV, ReadFile, with_password};
 
@@ -100,14 +102,17 @@ pub struct QueueConfig {
 #[serde(deny_unknown_fields)]
 pub struct KindConfig {
     /// Hard timeout of one attempt, in milliseconds.
+    #[serde(deserialize_with = "duration::opt_ms", alias = "timeout", default)]
     pub timeout_ms: Option<u64>,
     /// Attempts in all, the first included.
     pub max_attempts: Option<u32>,
     /// Backoff after the first failure, in milliseconds.
+    #[serde(deserialize_with = "duration::opt_ms", alias = "backoff_base", default)]
     pub backoff_base_ms: Option<u64>,
     /// Backoff growth per further failure.
     pub backoff_factor: Option<f64>,
     /// Largest backoff, in milliseconds.
+    #[serde(deserialize_with = "duration::opt_ms", alias = "backoff_max", default)]
     pub backoff_max_ms: Option<u64>,
     /// Backoff randomisation: `full`, `equal` or `none`.
     pub jitter: Option<Jitter>,
@@ -140,16 +145,20 @@ pub struct Config {
     pub concurrency: usize,
     /// On SIGTERM/SIGINT, how long in-flight jobs may run before the rest is
     /// left to the broker for redelivery.
+    #[serde(deserialize_with = "duration::ms", alias = "shutdown_grace")]
     pub shutdown_grace_ms: u64,
     /// Default hard timeout of one attempt of a job (IO or CPU kind).
+    #[serde(deserialize_with = "duration::ms", alias = "job_timeout")]
     pub job_timeout_ms: u64,
     /// Attempts in all for a job whose errors are retryable (first included).
     pub max_attempts: u32,
     /// Backoff after the first failure, in milliseconds.
+    #[serde(deserialize_with = "duration::ms", alias = "backoff_base")]
     pub backoff_base_ms: u64,
     /// Backoff growth per further failure.
     pub backoff_factor: f64,
     /// Largest backoff, in milliseconds.
+    #[serde(deserialize_with = "duration::ms", alias = "backoff_max")]
     pub backoff_max_ms: u64,
     /// Backoff randomisation: `full` (default), `equal` or `none`.
     pub jitter: Jitter,
@@ -160,18 +169,22 @@ pub struct Config {
     pub cpu_queue: String,
     /// Readiness turns false when a queue has ready messages, none of its
     /// jobs runs and nothing was delivered for this long (0: off).
+    #[serde(deserialize_with = "duration::ms", alias = "consume_watchdog")]
     pub consume_watchdog_ms: u64,
     /// The lease a claim on an idempotency key takes, in milliseconds; the
     /// worker renews it on every heartbeat while the job runs, so a worker
     /// that dies loses its keys within this long.
+    #[serde(deserialize_with = "duration::ms", alias = "lease")]
     pub lease_ms: u64,
     /// Time between heartbeats, in milliseconds: each renews every lease the
     /// worker holds and its registry row, in one store call. The worker
     /// counts as dead after three missed heartbeats.
+    #[serde(deserialize_with = "duration::ms", alias = "heartbeat")]
     pub heartbeat_ms: u64,
     /// The broker's consumer timeout (RabbitMQ's `consumer_timeout`, 30 min
     /// by default), in milliseconds: a job whose timeout may outlast it is
     /// parked in the store and acked before it runs (0: never ack early).
+    #[serde(deserialize_with = "duration::ms", alias = "broker_consumer_timeout")]
     pub broker_consumer_timeout_ms: u64,
     /// Largest accepted payload; larger jobs are refused at enqueue and
     /// dead-lettered at consume.
