@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use taskmill_core::config::{Config, QueueType};
+use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
+use taskmill_core::config::{Config, LogFormat, QueueType};
 
 use crate::commands;
 
@@ -14,10 +14,10 @@ use crate::commands;
 #[derive(Debug, Parser)]
 #[command(name = "taskmill", version, about)]
 pub struct Cli {
-    /// TOML config file (also TASKMILL_CONFIG). Env vars override it, flags override both.
+    /// TOML config file. Env vars override it, flags override both.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// AMQP URL of the broker (TASKMILL_AMQP_URL). A password given here is
+    /// AMQP URL of the broker. A password given here is
     /// readable by every local user in /proc/PID/cmdline: give it with
     /// TASKMILL_AMQP_URL_FILE or amqp_password_file instead.
     #[arg(long, global = true, value_name = "URL")]
@@ -42,13 +42,62 @@ pub enum Command {
     Bench(commands::bench::BenchArgs),
     /// Inspect, replay and purge dead letters.
     Dlq(commands::dlq::DlqArgs),
+    /// Print a shell completion script (`taskmill completions bash >
+    /// /etc/bash_completion.d/taskmill`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man pages (roff) of taskmill and of each subcommand.
+    Man,
+}
+
+/// `--queue-type`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueTypeArg {
+    /// Replicated, durable Raft queues.
+    Quorum,
+    /// Classic queues: faster on one node, not replicated.
+    Classic,
+}
+
+impl From<QueueTypeArg> for QueueType {
+    fn from(a: QueueTypeArg) -> QueueType {
+        match a {
+            QueueTypeArg::Quorum => QueueType::Quorum,
+            QueueTypeArg::Classic => QueueType::Classic,
+        }
+    }
+}
+
+/// `--log-format`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(a: LogFormatArg) -> LogFormat {
+        match a {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
 }
 
 /// `taskmill config ...`.
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Print the effective configuration as TOML, secrets redacted.
-    Show,
+    /// Print the effective configuration as TOML (or JSON), secrets
+    /// redacted, and the file it was read from.
+    Show {
+        /// Print one JSON object: `{"file": PATH or null, "config": {...}}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print every TASKMILL_* environment variable that sets a key (and the
     /// TASKMILL_*_URL_FILE variables that set one from a file).
     Keys,
@@ -73,23 +122,20 @@ pub struct WorkerArgs {
     /// basic.qos prefetch per queue (0: same as concurrency).
     #[arg(long)]
     pub prefetch: Option<u16>,
-    /// Queue type to declare: quorum or classic.
-    #[arg(long)]
-    pub queue_type: Option<QueueType>,
-    /// Drain grace on shutdown, in milliseconds.
-    #[arg(long, value_name = "MS")]
+    /// Queue type to declare.
+    #[arg(long, value_enum)]
+    pub queue_type: Option<QueueTypeArg>,
+    /// Drain grace on shutdown: milliseconds or a duration (`45s`).
+    #[arg(long, value_name = "DURATION", value_parser = taskmill_core::config::parse_ms)]
     pub shutdown_grace_ms: Option<u64>,
-    /// Log format: text or json.
-    #[arg(long)]
-    pub log_format: Option<taskmill_core::config::LogFormat>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormatArg>,
 }
 
 /// Loads the configuration: defaults < file < env < global flags.
 pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
-    let file = cli
-        .config
-        .clone()
-        .or_else(|| std::env::var_os("TASKMILL_CONFIG").map(PathBuf::from));
+    let file = config_file(cli);
     let mut config = match &file {
         Some(path) => read_config_file(path)?,
         None => Config::default(),
@@ -108,6 +154,35 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     config.resolve_secrets(read)?;
     Ok(config)
+}
+
+/// The config file to read: `--config`, else `TASKMILL_CONFIG`, else the
+/// first that exists of `./taskmill.toml`,
+/// `$XDG_CONFIG_HOME/taskmill/taskmill.toml` (`~/.config` when unset) and
+/// `/etc/taskmill/taskmill.toml`; `None` when there is none (defaults and
+/// the environment only).
+pub fn config_file(cli: &Cli) -> Option<PathBuf> {
+    if let Some(p) = &cli.config {
+        return Some(p.clone());
+    }
+    if let Some(p) = std::env::var_os("TASKMILL_CONFIG").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    default_config_paths().into_iter().find(|p| p.is_file())
+}
+
+/// Where a config file is looked for when none is named, in order.
+pub fn default_config_paths() -> Vec<PathBuf> {
+    let mut paths = vec![PathBuf::from("taskmill.toml")];
+    let xdg = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    if let Some(dir) = xdg {
+        paths.push(dir.join("taskmill").join("taskmill.toml"));
+    }
+    paths.push(PathBuf::from("/etc/taskmill/taskmill.toml"));
+    paths
 }
 
 /// Reads the TOML file at `path` and parses it. Core only parses (it does
@@ -136,19 +211,20 @@ fn apply_worker_flags(config: &mut Config, args: &WorkerArgs) {
         config.prefetch = p;
     }
     if let Some(t) = args.queue_type {
-        config.queue_type = t;
+        config.queue_type = t.into();
     }
     if let Some(g) = args.shutdown_grace_ms {
         config.shutdown_grace_ms = g;
     }
     if let Some(f) = args.log_format {
-        config.log_format = f;
+        config.log_format = f.into();
     }
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = crate::help::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match run(cli) {
         Ok(code) => code,
         Err(e) => crate::report::report(&e),
@@ -156,14 +232,39 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = crate::help::command();
+            clap_complete::generate(*shell, &mut cmd, "taskmill", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man => {
+            crate::help::man_pages(&mut std::io::stdout()).context("writing the man pages")?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     let mut config = load_config(&cli)?;
     if let Command::Worker(args) = &cli.command {
         apply_worker_flags(&mut config, args);
     }
     match &cli.command {
-        Command::Config(ConfigCommand::Show) => {
+        Command::Config(ConfigCommand::Show { json }) => {
             config.validate()?;
-            print!("{}", config.to_redacted_toml());
+            let file = config_file(&cli);
+            if *json {
+                let shown = serde_json::json!({
+                    "file": file.as_ref().map(|f| f.display().to_string()),
+                    "config": config.redacted(),
+                });
+                println!("{shown}");
+            } else {
+                match &file {
+                    Some(f) => println!("# read from {}", f.display()),
+                    None => println!("# no config file: defaults and the environment"),
+                }
+                print!("{}", config.to_redacted_toml());
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Command::Config(ConfigCommand::Keys) => {
@@ -202,7 +303,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Demo(args) => commands::demo::run(config, args).await,
             Command::Bench(args) => commands::bench::run(config, args).await,
             Command::Dlq(args) => commands::dlq::run(config, args).await,
-            Command::Config(_) => unreachable!("handled above"),
+            Command::Config(_) | Command::Completions { .. } | Command::Man => {
+                unreachable!("handled above")
+            }
         }
     });
     // Send the last spans before the process exits.

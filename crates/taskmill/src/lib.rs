@@ -8,9 +8,12 @@
 //!   `cpu.hash`, `cpu.primes`) and the diagnostic kinds, from `taskmill-kinds`.
 //! - [`commands`]: one module per subcommand; `bench` only turns its flags
 //!   into `taskmill_bench::Options`.
+//! - [`help`]: the clap command with each flag's variable and default;
+//!   also the source of the completions and the man page.
 //! - [`report`]: a failure as one line with its remedy, and the exit status.
 
 pub mod cli;
 pub mod commands;
+pub mod help;
 pub mod report;
 pub use taskmill_kinds as kinds;

@@ -191,6 +191,16 @@ async fn dead_letters_are_listed_shown_replayed_once_and_purged() {
     ] {
         assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
     }
+    // show --json: one object with the same facts.
+    let show = taskmill(&["dlq", "show", &ids[7], "--queue", &queue, "--json"]).await;
+    assert_ok(&show, "dlq show --json");
+    settled(&broker, &dead, JOBS).await;
+    let v: serde_json::Value = serde_json::from_str(stdout(&show).trim()).expect("one JSON object");
+    assert_eq!(v["id"], ids[7].as_str(), "{v}");
+    assert_eq!(v["reason"], "handler_error", "{v}");
+    assert_eq!(v["headers"]["taskmill-kind"], "test.flaky", "{v}");
+    assert_eq!(v["body"]["n"], 7, "{v}");
+    assert_eq!(v["properties"]["message_id"], ids[7].as_str(), "{v}");
 
     // Refusals change nothing.
     let unknown = taskmill(&["dlq", "replay", "--queue", &queue, "--id", "no-such-job"]).await;

@@ -448,10 +448,16 @@ impl Config {
 
     /// The configuration as TOML with every secret redacted.
     pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(&self.redacted())
+            .unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// A copy with every secret redacted (what `config show` prints).
+    pub fn redacted(&self) -> Config {
         let mut shown = self.clone();
         shown.amqp_url = redact_url(&shown.amqp_url);
         shown.store_url = shown.store_url.as_deref().map(redact_url);
-        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        shown
     }
 }
 

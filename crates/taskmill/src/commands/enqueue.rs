@@ -44,6 +44,19 @@ pub struct EnqueueArgs {
     /// Do not print job ids.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Print each job id as a JSON object on its own line: `{"job_id": ...,
+    /// "queue": ...}`.
+    #[arg(long, conflicts_with = "quiet")]
+    pub json: bool,
+}
+
+/// One printed id: the plain id, or its JSON line with `--json`.
+fn id_line(args: &EnqueueArgs, id: &str) -> String {
+    if args.json {
+        serde_json::json!({ "job_id": id, "queue": args.queue }).to_string()
+    } else {
+        id.to_string()
+    }
 }
 
 const BATCH: u64 = 5_000;
@@ -87,7 +100,7 @@ pub async fn run(config: Config, args: EnqueueArgs) -> anyhow::Result<ExitCode> 
     if args.count <= 1 {
         let id = client.enqueue(make(0)).await?;
         if !args.quiet {
-            println!("{id}");
+            println!("{}", id_line(&args, &id));
         }
         client.close().await;
         return Ok(ExitCode::SUCCESS);
@@ -108,7 +121,7 @@ pub async fn run(config: Config, args: EnqueueArgs) -> anyhow::Result<ExitCode> 
         if !args.quiet {
             bar.suspend(|| {
                 for id in &ids {
-                    println!("{id}");
+                    println!("{}", id_line(&args, id));
                 }
             });
         }

@@ -24,6 +24,10 @@ pub struct ShowArgs {
     /// Look at no more than N dead letters while searching for the id.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_SCAN_LIMIT)]
     limit: usize,
+    /// Print one JSON object: the summary fields of `dlq list --json`, plus
+    /// `properties`, `headers`, `x_death` and `body` (parsed JSON, else text).
+    #[arg(long)]
+    json: bool,
 }
 
 /// Prints the first dead letter with the id; removes nothing.
@@ -38,7 +42,12 @@ pub async fn run(config: &Config, args: ShowArgs) -> anyhow::Result<ExitCode> {
             };
             looked += 1;
             if msg.message_id() == Some(args.id.as_str()) {
-                return anyhow::Ok(Some(render(&msg, &args.queue.dead())));
+                let text = if args.json {
+                    format!("{}\n", render_json(&msg, &args.queue.dead()))
+                } else {
+                    render(&msg, &args.queue.dead())
+                };
+                return anyhow::Ok(Some(text));
             }
         }
         Ok(None)
@@ -54,6 +63,51 @@ pub async fn run(config: &Config, args: ShowArgs) -> anyhow::Result<ExitCode> {
         }
         None => Err(super::not_found(&args.id, &args.queue, looked, args.limit)),
     }
+}
+
+/// One dead letter as a JSON object.
+pub fn render_json(msg: &Browsed, dead: &str) -> serde_json::Value {
+    let mut v = Entry::of(msg).to_json(now_ms());
+    let headers: serde_json::Map<String, serde_json::Value> = msg
+        .headers()
+        .into_iter()
+        .filter(|(name, _)| name != "x-death")
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                serde_json::Value::String(header_text(&value)),
+            )
+        })
+        .collect();
+    let body = msg.body();
+    let body_json = serde_json::from_slice::<serde_json::Value>(body)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into_owned()));
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("dead_queue".into(), dead.into());
+        obj.insert(
+            "properties".into(),
+            serde_json::json!({
+                "message_id": msg.message_id(),
+                "content_type": msg.content_type(),
+                "timestamp": msg.timestamp(),
+                "delivery_mode": msg.delivery_mode(),
+                "exchange": msg.exchange(),
+                "routing_key": msg.routing_key(),
+            }),
+        );
+        obj.insert("headers".into(), headers.into());
+        obj.insert(
+            "x_death".into(),
+            msg.x_death()
+                .iter()
+                .map(describe_x_death)
+                .collect::<Vec<_>>()
+                .into(),
+        );
+        obj.insert("body_bytes".into(), body.len().into());
+        obj.insert("body".into(), body_json);
+    }
+    v
 }
 
 /// The full text of one dead letter.
