@@ -14,7 +14,7 @@ use taskmill_telemetry::traces::{
 
 fn grpc(endpoint: String) -> OtlpOptions {
     let mut o = OtlpOptions::new(endpoint, OtlpProtocol::Grpc);
-    o.scheduled_delay = Duration::from_millis(100);
+    o.scheduled_delay = Some(Duration::from_millis(100));
     o
 }
 

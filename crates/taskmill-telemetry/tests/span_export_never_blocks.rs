@@ -26,12 +26,14 @@ fn dropped(reason: DropReason) -> u64 {
 fn collector_down(protocol: OtlpProtocol) {
     let endpoint = match protocol {
         OtlpProtocol::Grpc => format!("http://127.0.0.1:{}", closed_port()),
-        OtlpProtocol::HttpProtobuf => format!("http://127.0.0.1:{}/v1/traces", closed_port()),
+        OtlpProtocol::HttpProtobuf | OtlpProtocol::HttpJson => {
+            format!("http://127.0.0.1:{}/v1/traces", closed_port())
+        }
     };
     let mut o = OtlpOptions::new(endpoint, protocol);
     o.export_timeout = Some(Duration::from_secs(1));
     o.shutdown_timeout = Duration::from_secs(1);
-    o.scheduled_delay = Duration::from_millis(50);
+    o.scheduled_delay = Some(Duration::from_millis(50));
     let (d, guard) = traces::build(TracingOptions::new(false, "off").with_otlp(o)).unwrap();
 
     let start = Instant::now();
