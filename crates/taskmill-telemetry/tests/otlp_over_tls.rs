@@ -1,5 +1,5 @@
 //! OTLP to an `https://` collector, with real TLS: a CA, a server and a
-//! client certificate made here (rcgen), a TLS terminator in front of a
+//! client certificate made for the test (`taskmill-testpki`), a TLS terminator in front of a
 //! plaintext receiver (tokio-rustls), and the exporter as taskmill builds it.
 //!
 //! - HTTP/protobuf and gRPC reach the collector when the CA file is given;
@@ -12,7 +12,7 @@
 //!   `OTEL_SDK_DISABLED`, `OTEL_TRACES_EXPORTER`) configure a child process.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,110 +23,12 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::post;
 use fake_opentelemetry_collector::FakeCollectorServer;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls::RootCertStore;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::WebPkiClientVerifier;
 use taskmill_telemetry::traces::spans;
 use taskmill_telemetry::traces::{self, DropReason, OtlpOptions, OtlpProtocol, TracingOptions};
+use taskmill_testpki::Pki;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-
-/// A CA and, signed by it, a server certificate for 127.0.0.1 and a client
-/// certificate, as PEM files in a directory of their own.
-struct Pki {
-    dir: PathBuf,
-    ca_der: CertificateDer<'static>,
-    server: (CertificateDer<'static>, Vec<u8>),
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("tm-otlp-tls-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, format!("taskmill test CA {name}"));
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_key = KeyPair::generate().unwrap();
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-        let issuer = Issuer::new(ca, ca_key);
-
-        let leaf = |san: Vec<String>, usage: ExtendedKeyUsagePurpose, file: &str| {
-            let mut p = CertificateParams::new(san).unwrap();
-            p.distinguished_name.push(DnType::CommonName, file);
-            p.extended_key_usages = vec![usage];
-            p.use_authority_key_identifier_extension = true;
-            let key = KeyPair::generate().unwrap();
-            let cert = p.signed_by(&key, &issuer).unwrap();
-            std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
-            (cert.der().clone(), key.serialize_der())
-        };
-        let server = leaf(
-            vec!["127.0.0.1".into(), "localhost".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
-            "server",
-        );
-        leaf(
-            vec!["taskmill-worker".into()],
-            ExtendedKeyUsagePurpose::ClientAuth,
-            "client",
-        );
-        Pki {
-            dir,
-            ca_der: ca_cert.der().clone(),
-            server,
-        }
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    /// The server side: this PKI's server certificate, `alpn`, and a client
-    /// certificate signed by this CA required when `mutual`.
-    fn server_config(&self, alpn: &[&[u8]], mutual: bool) -> Arc<rustls::ServerConfig> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let b = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap();
-        let b = if mutual {
-            let mut roots = RootCertStore::empty();
-            roots.add(self.ca_der.clone()).unwrap();
-            b.with_client_cert_verifier(
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .unwrap(),
-            )
-        } else {
-            b.with_no_client_auth()
-        };
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server.1.clone()));
-        let mut c = b
-            .with_single_cert(vec![self.server.0.clone()], key)
-            .unwrap();
-        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(c)
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Terminates TLS on a free port and forwards the plaintext to `backend`.
 /// Returns the port and a counter of failed handshakes.
@@ -243,14 +145,14 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_protobuf_to_an_https_collector() {
-    let pki = Pki::new("http");
+    let pki = Pki::new("http").unwrap();
     let (backend, mut got) = http_receiver().await;
     let (port, _handshakes) = terminator(pki.server_config(&[b"http/1.1"], false), backend).await;
 
     let o = options(
         format!("https://127.0.0.1:{port}/v1/traces"),
         OtlpProtocol::HttpProtobuf,
-        &pki.file("ca.pem"),
+        &pki.ca_file(),
     );
     assert_eq!(export_one(o, "q-https").await, 0);
     let (ct, body) = next(&mut got, "an export over https").await;
@@ -263,7 +165,7 @@ async fn http_protobuf_to_an_https_collector() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_to_an_https_collector() {
-    let pki = Pki::new("grpc");
+    let pki = Pki::new("grpc").unwrap();
     let mut collector = FakeCollectorServer::start().await.unwrap();
     let (port, _handshakes) =
         terminator(pki.server_config(&[b"h2"], false), collector.address()).await;
@@ -271,7 +173,7 @@ async fn grpc_to_an_https_collector() {
     let o = options(
         format!("https://127.0.0.1:{port}"),
         OtlpProtocol::Grpc,
-        &pki.file("ca.pem"),
+        &pki.ca_file(),
     );
     assert_eq!(export_one(o, "q-grpcs").await, 0);
     let spans = collector.exported_spans(1, Duration::from_secs(10)).await;
@@ -281,8 +183,8 @@ async fn grpc_to_an_https_collector() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_signed_by_another_ca_gets_nothing() {
-    let theirs = Pki::new("theirs");
-    let ours = Pki::new("ours");
+    let theirs = Pki::new("theirs").unwrap();
+    let ours = Pki::new("ours").unwrap();
     let (backend, mut got) = http_receiver().await;
     let (http_port, mut http_handshakes) =
         terminator(theirs.server_config(&[b"http/1.1"], false), backend).await;
@@ -294,7 +196,7 @@ async fn a_collector_signed_by_another_ca_gets_nothing() {
         options(
             format!("https://127.0.0.1:{http_port}/v1/traces"),
             OtlpProtocol::HttpProtobuf,
-            &ours.file("ca.pem"),
+            &ours.ca_file(),
         ),
         "q-wrong-ca",
     )
@@ -304,7 +206,7 @@ async fn a_collector_signed_by_another_ca_gets_nothing() {
         options(
             format!("https://127.0.0.1:{grpc_port}"),
             OtlpProtocol::Grpc,
-            &ours.file("ca.pem"),
+            &ours.ca_file(),
         ),
         "q-wrong-ca",
     )
@@ -324,26 +226,22 @@ async fn a_collector_signed_by_another_ca_gets_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_needs_the_client_certificate() {
-    let pki = Pki::new("mtls");
+    let pki = Pki::new("mtls").unwrap();
     let (backend, mut got) = http_receiver().await;
     let (port, mut handshakes) = terminator(pki.server_config(&[b"http/1.1"], true), backend).await;
     let endpoint = format!("https://127.0.0.1:{port}/v1/traces");
 
     // Without a client certificate: refused.
-    let o = options(
-        endpoint.clone(),
-        OtlpProtocol::HttpProtobuf,
-        &pki.file("ca.pem"),
-    );
+    let o = options(endpoint.clone(), OtlpProtocol::HttpProtobuf, &pki.ca_file());
     assert!(export_one(o, "q-anon").await >= 1);
     let why = next(&mut handshakes, "a refused handshake").await;
     assert!(why.to_lowercase().contains("certificate"), "{why}");
     assert!(got.try_recv().is_err());
 
     // With one: through.
-    let mut o = options(endpoint, OtlpProtocol::HttpProtobuf, &pki.file("ca.pem"));
-    o.tls.client_cert_file = Some(pki.file("client.pem"));
-    o.tls.client_key_file = Some(pki.file("client.key"));
+    let mut o = options(endpoint, OtlpProtocol::HttpProtobuf, &pki.ca_file());
+    o.tls.client_cert_file = Some(pki.client_cert_file());
+    o.tls.client_key_file = Some(pki.client_key_file());
     assert_eq!(export_one(o, "q-mtls").await, 0);
     let (_, body) = next(&mut got, "an export with a client certificate").await;
     assert!(body.windows(6).any(|w| w == b"q-mtls"));
@@ -387,10 +285,10 @@ fn child(vars: &[(&str, String)]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standard_variables_alone_configure_export() {
-    let pki = Pki::new("env");
+    let pki = Pki::new("env").unwrap();
     let (backend, mut got) = http_receiver().await;
     let (port, _handshakes) = terminator(pki.server_config(&[b"http/1.1"], false), backend).await;
-    let ca = pki.file("ca.pem").display().to_string();
+    let ca = pki.ca_file().display().to_string();
     let base = vec![
         // The base endpoint: the SDK appends /v1/traces for HTTP.
         (
